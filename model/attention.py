@@ -1,0 +1,37 @@
+"""Grouped-query self-attention with rotary embeddings and the KV cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .linear import Linear
+from .ops import Ops
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ops: Ops):
+        super().__init__()
+        self.layer_idx, self.ops = layer_idx, ops
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, ops)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, ops)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, ops)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, ops)
+
+    def forward(self, x, cos, sin, cache=None, start: int = 0, mask=None, lora=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
+        q = self.ops.rotary(q, cos, sin).transpose(1, 2)       # [B, H, T, D]
+        k = self.ops.rotary(k, cos, sin).transpose(1, 2)       # [B, Hkv, T, D]
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v, start)
+        causal = mask is None and T > 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora)

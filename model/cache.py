@@ -1,0 +1,38 @@
+"""Preallocated KV cache with a current length; rewinding is just moving the length back."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, batch_size: int = 1,
+                 device="cpu", dtype=torch.float32, layer_devices: list | None = None):
+        self.max_seq_len, self.batch_size = max_seq_len, batch_size
+        shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        devs = layer_devices or [device] * cfg.num_hidden_layers
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
+        self.length = 0
+
+    def truncate(self, n: int):
+        """Rewind to the first n positions (what lies beyond is dead and gets overwritten)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def reset(self):
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Store k/v [B, Hkv, T, D] at [start, start+T); return the keys/values up to start+T."""
+        end = start + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_seq_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -1,0 +1,182 @@
+"""Model configuration (from config.json or GGUF metadata) and runtime options, kept apart."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model folder or file that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128          # -1: one group over all of K
+    desc_act: bool = False         # act-order: rows quantized in a permuted order (g_idx)
+    sym: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None        # {"type": linear|dynamic|llama3, "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    quant: QuantConfig | None = None
+    architecture: str = "LlamaForCausalLM"
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        def need(key):
+            if key not in d:
+                raise ModelError(f"{source}: missing required field '{key}'")
+            v = d[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ModelError(f"{source}: field '{key}' must be a positive integer, got {v!r}")
+            return v
+
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0] if isinstance(archs, list) and archs else str(archs)
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "mistral") and arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
+            raise ModelError(f"{source}: unsupported architecture {arch!r} (model_type {model_type!r}); "
+                             "only Llama-family models are supported")
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = d.get("num_key_value_heads") or heads
+        head_dim = d.get("head_dim") or hidden // heads
+        if heads % kv_heads:
+            raise ModelError(f"{source}: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={kv_heads}")
+        eos = d.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("linear", "dynamic", "llama3", "default"):
+                raise ModelError(f"{source}: unsupported rope_scaling type {kind!r}")
+            scaling = None if kind == "default" else {**scaling, "type": kind}
+        return cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            bos_token_id=d.get("bos_token_id", 1),
+            eos_token_ids=eos_ids,
+            quant=_quant_from_dict(d.get("quantization_config"), source),
+            architecture=arch,
+        )
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: config.json not found")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{path}: malformed JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, str(path))
+
+
+def _quant_from_dict(q: dict | None, source: str) -> QuantConfig | None:
+    if not q:
+        return None
+    method = q.get("quant_method", "gptq")
+    if method != "gptq":
+        raise ModelError(f"{source}: unsupported quant_method {method!r} (GPTQ only)")
+    bits = q.get("bits", 4)
+    if bits != 4:
+        raise ModelError(f"{source}: unsupported bit width {bits} (only 4-bit GPTQ is supported)")
+    return QuantConfig(bits=bits, group_size=int(q.get("group_size", 128)),
+                       desc_act=bool(q.get("desc_act", False)), sym=bool(q.get("sym", True)))
+
+
+@dataclass
+class RuntimeConfig:
+    """How to run a model: everything that is not a fact about the checkpoint."""
+    max_seq_len: int = 2048        # KV-cache length
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"            # activations: auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32
+    compress_pos_emb: float = 1.0  # linear RoPE scaling factor applied on top of the model's
+    alpha: float = 1.0             # NTK-aware RoPE alpha (scales the base)
+    force_reference: bool = False  # never use the CUDA kernels
+    cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible
+    gpu_split: list[float] | str | None = None   # GB of weights per device, or "auto"
+    extra: dict = field(default_factory=dict)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+        try:
+            return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {self.dtype!r}") from None
+
+
+def rope_inv_freq(cfg: ModelConfig, runtime: RuntimeConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings with the config's scaling applied.
+
+    Linear scaling divides positions (done by scaling inv_freq), dynamic NTK grows the base
+    once the sequence passes the trained length, llama3 rescales bands of frequencies.
+    """
+    dim = cfg.head_dim
+    base = cfg.rope_theta * runtime.alpha ** (dim / (dim - 2))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("type")
+    if kind == "dynamic" and seq_len and seq_len > cfg.max_position_embeddings:
+        f = sc["factor"]
+        base = base * ((f * seq_len / cfg.max_position_embeddings) - (f - 1)) ** (dim / (dim - 2))
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor = sc["factor"]
+        lo, hi = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_len = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = old_len / lo, old_len / hi
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        mid = (wavelen <= lo_wl) & (wavelen >= hi_wl)
+        scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+        inv = scaled
+    return (inv / runtime.compress_pos_emb).float()

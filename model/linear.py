@@ -1,0 +1,69 @@
+"""Linear layers: dense (fp16/bf16/fp32) or 4-bit (the q4 format of quant.py)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import Ops
+from .quant import dequantize
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b, with W dense or 4-bit; LoRA adapters (if any) add their low-rank term."""
+
+    def __init__(self, in_features: int, out_features: int, ops: Ops):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.ops = ops
+        self.weight: torch.Tensor | None = None     # dense [N, K]
+        self.qweight = self.scales = self.offsets = self.perm = None
+        self.bias: torch.Tensor | None = None
+        self.lora: dict = {}                          # adapter name -> (A [r, K], B [N, r], scale)
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    def set_dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        self.qweight = self.scales = self.offsets = self.perm = None
+
+    def set_q4(self, qweight, scales, offsets, perm=None, bias=None):
+        self.qweight, self.scales, self.offsets, self.perm, self.bias = qweight, scales, offsets, perm, bias
+        self.weight = None
+
+    def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """W [N, K] in natural input order (undoing act-order), for tests and export."""
+        if not self.quantized:
+            return self.weight.to(dtype)
+        wt = dequantize(self.qweight, self.scales, self.offsets, dtype)   # rows in perm order
+        if self.perm is not None:
+            full = torch.empty_like(wt)
+            full[self.perm] = wt
+            wt = full
+        return wt.t().contiguous()
+
+    def to_device(self, device, dtype, dequantize_q4: bool):
+        """Move to the device; on CPUs 4-bit weights become dense (dequantize once, matmul fast)."""
+        if self.quantized and dequantize_q4:
+            self.set_dense(self.dense_weight(dtype).to(device), self.bias)
+        if self.weight is not None:
+            self.weight = self.weight.to(device, dtype).contiguous()
+        for name in ("qweight", "scales", "offsets", "perm"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        if self.bias is not None:
+            self.bias = self.bias.to(device, dtype)
+
+    def forward(self, x: torch.Tensor, lora: str | None = None) -> torch.Tensor:
+        if self.quantized:
+            y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm)
+        else:
+            y = torch.nn.functional.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        if lora is not None and lora in self.lora:
+            a, b, scale = self.lora[lora]
+            y = y + (x @ a.t()) @ b.t() * scale
+        return y

@@ -1,0 +1,123 @@
+"""The engine's 4-bit weight format and its torch reference.
+
+One format serves GPTQ (integer zero points) and GGUF Q4_0/Q4_1 (float offsets):
+    W[n, k] = scales[k // gs, n] * q[k, n] + offsets[k // gs, n]
+with q packed eight to an int32 along K, exactly as GPTQ packs `qweight`. GPTQ's integer
+zeros become `offset = -scale * zero`; Q4_1's `w = d * q + m` maps straight on, so GGUF
+weights load without re-quantization (forcing Q4_1 into integer zeros costs perplexity).
+See docs/design.md for the full contract the CUDA kernels follow.
+"""
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack q [K, N] (values 0..15) into int32 [K // 8, N]; nibble j of row i is q[8i + j]."""
+    K, N = q.shape
+    if K % 8:
+        raise ValueError(f"pack_int4: K={K} is not a multiple of 8")
+    q = q.to(torch.int32).reshape(K // 8, 8, N)
+    packed = torch.zeros(K // 8, N, dtype=torch.int32, device=q.device)
+    for j in range(8):
+        packed |= (q[:, j, :] & 0xF) << (4 * j)  # bit 31 set is fine: it is just a nibble
+    return packed
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int32 [K // 8, N] -> uint8 [K, N]."""
+    K8, N = packed.shape
+    shifts = _SHIFTS.to(packed.device).view(1, 8, 1)
+    q = (packed.unsqueeze(1) >> shifts) & 0xF
+    return q.reshape(K8 * 8, N).to(torch.uint8)
+
+
+def pack_cols_int4(z: torch.Tensor) -> torch.Tensor:
+    """GPTQ's qzeros packing: z [G, N] -> int32 [G, N // 8], eight columns per word."""
+    return pack_int4(z.t().contiguous()).t().contiguous()
+
+
+def unpack_cols_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_cols_int4: int32 [G, N // 8] -> uint8 [G, N]."""
+    return unpack_int4(packed.t().contiguous()).t().contiguous()
+
+
+def group_size_of(qweight: torch.Tensor, scales: torch.Tensor) -> int:
+    return qweight.shape[0] * 8 // scales.shape[0]
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantization to W^T of shape [K, N] (inputs along rows)."""
+    q = unpack_int4(qweight).to(dtype)
+    gs = group_size_of(qweight, scales)
+    s = scales.to(dtype).repeat_interleave(gs, dim=0)
+    o = offsets.to(dtype).repeat_interleave(gs, dim=0)
+    return q * s + o
+
+
+def q4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x[..., perm] @ W^T computed in fp32 (the reference every kernel is checked against)."""
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    w = dequantize(qweight, scales, offsets, torch.float32)
+    return (x.float() @ w).to(x.dtype)
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor | None, zero_offset: int = 1):
+    """Convert a GPTQ layer to (qweight, scales, offsets, perm).
+
+    GPTQ stores `zero - 1` in qzeros (the "zeros minus one" convention of AutoGPTQ and
+    GPTQ-for-LLaMa), so the true zero is stored + zero_offset. With act-order, rows come in
+    any group order; sorting rows by g_idx makes each group contiguous, and the layer then
+    reads its input through `perm`.
+    """
+    K = qweight.shape[0] * 8
+    G, N = scales.shape
+    if K % G:
+        raise ValueError(f"{G} groups do not divide K={K}")
+    gs = K // G
+    zeros = unpack_cols_int4(qzeros)[:, :N].float() + zero_offset
+    scales32 = scales.float()
+    offsets = (-scales32 * zeros).to(torch.float16)
+    scales16 = scales32.to(torch.float16)
+    perm = None
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64)
+        trivial = torch.arange(K, device=g_idx.device) // gs
+        if not torch.equal(g_idx, trivial):
+            counts = torch.bincount(g_idx, minlength=G)
+            if not bool((counts == gs).all()):
+                raise ValueError("g_idx does not give every group the same number of rows")
+            perm = torch.argsort(g_idx, stable=True)
+            qweight = pack_int4(unpack_int4(qweight).index_select(0, perm))
+    return qweight.contiguous(), scales16.contiguous(), offsets.contiguous(), perm
+
+
+def quantize_rtn(w: torch.Tensor, group_size: int, sym: bool = False):
+    """Round-to-nearest 4-bit quantization of W [N, K] into GPTQ tensors (qweight, qzeros, scales, g_idx).
+
+    Used by tests and the random-checkpoint tool; the real quantizer is GPTQ.
+    """
+    N, K = w.shape
+    gs = K if group_size <= 0 else group_size
+    wt = w.t().float().reshape(K // gs, gs, N)  # [G, gs, N]
+    if sym:
+        amax = wt.abs().amax(dim=1).clamp(min=1e-8)
+        scale = amax / 7.5
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = wt.amin(dim=1), wt.amax(dim=1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        # Zero 0 cannot be stored under the zeros-minus-one convention, so the range starts at 1.
+        zero = torch.round(-lo / scale).clamp(1, 15)
+    scale16 = scale.to(torch.float16)
+    q = torch.clamp(torch.round(wt / scale16.float().unsqueeze(1) + zero.unsqueeze(1)), 0, 15)
+    qweight = pack_int4(q.reshape(K, N).to(torch.int32))
+    qzeros = pack_cols_int4((zero - 1).to(torch.int32))
+    g_idx = torch.arange(K, dtype=torch.int32) // gs
+    return qweight, qzeros, scale16, g_idx
