@@ -71,7 +71,9 @@ class ModelConfig:
                              f"num_key_value_heads={kv_heads}")
         eos = d.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        scaling = d.get("rope_scaling")
+        # Newer checkpoints (transformers 5) keep theta and scaling together in rope_parameters.
+        rope_params = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("linear", "dynamic", "llama3", "default"):
@@ -86,7 +88,7 @@ class ModelConfig:
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_theta=float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

@@ -1,0 +1,37 @@
+// The extension's one Python module: m.def lines grouped by topic. Thin wrappers live in cuda_ext/ops.py.
+#include "ops.h"
+
+#include <pybind11/stl.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+{
+    m.doc() = "exllama CUDA kernels: q4 GEMM/dequant, RMSNorm, rotary, SiLU-mul";
+
+    // q4 weights
+    m.def("q4_gemm_small", &q4_gemm_small,
+          "out[M, N] = x[M, K][:, perm] @ dequant(qweight, scales, offsets) + bias + residual, M <= 8",
+          py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"),
+          py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("tn") = 0, py::arg("splits") = 0,
+          py::arg("variant") = -1);
+    m.def("q4_gemm_plan", &q4_gemm_plan_info,
+          "[tn, splits, rows_per_split, rows_per_trow, variant, tiles, smem_bytes] the kernel would use",
+          py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("tn") = 0,
+          py::arg("splits") = 0, py::arg("variant") = -1);
+    m.def("q4_gemm_variant_name", &q4_gemm_variant_name_py, py::arg("variant"));
+    m.def("q4_gemm_num_variants", &q4_gemm_num_variants_py, py::arg("M"));
+    m.def("q4_dequant", &q4_dequant, "out[K, N] (fp16) = dequant(qweight, scales, offsets), row k to perm[k] if given",
+          py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"));
+
+    // norms
+    m.def("rms_norm", &rms_norm, "out = x * rsqrt(mean(x^2) + eps) * weight", py::arg("x"), py::arg("weight"),
+          py::arg("eps"), py::arg("out"));
+    m.def("add_rms_norm", &add_rms_norm, "residual += x; out = rms_norm(residual)", py::arg("residual"),
+          py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
+
+    // rotary
+    m.def("rotary_", &rotary_, "in-place rotate-half rotary embedding at device positions", py::arg("x"),
+          py::arg("cos"), py::arg("sin"), py::arg("positions"));
+
+    // activations
+    m.def("silu_mul", &silu_mul, "out = silu(gate) * up", py::arg("gate"), py::arg("up"), py::arg("out"));
+}

@@ -1,0 +1,29 @@
+// Torch-facing entry points of the extension (defined in ops_*.cpp, bound in bindings.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+// q4 (ops_q4.cpp)
+void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
+                   const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant);
+std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
+                                       int64_t tn, int64_t splits, int64_t variant);
+std::string q4_gemm_variant_name_py(int64_t variant);
+int64_t q4_gemm_num_variants_py(int64_t M);
+void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
+                const std::optional<torch::Tensor>& perm, torch::Tensor& out);
+
+// norms (ops_norm.cpp)
+void rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out);
+void add_rms_norm(torch::Tensor& residual, const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                  torch::Tensor& out);
+
+// rotary (ops_rotary.cpp)
+void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions);
+
+// activations (ops_act.cpp)
+void silu_mul(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor& out);

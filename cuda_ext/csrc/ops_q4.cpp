@@ -1,0 +1,217 @@
+// Torch wrappers for the q4 kernels: argument checks, device guard, current stream, launch check.
+#include "ops.h"
+#include "checks.h"
+#include "q4_gemm.cuh"
+#include "q4_dequant.cuh"
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <mutex>
+#include <vector>
+
+namespace {
+
+// Per-device split-K tile counters. Zeroed once; each kernel leaves them zero again, so they are
+// safe under CUDA graph replay. One stream at a time per device (as the engine runs).
+int* tile_counters(const torch::Device& device)
+{
+    // Deliberately never freed: a static tensor destroyed at exit can outlive the allocator.
+    static std::mutex mu;
+    static std::vector<torch::Tensor*> buffers;
+    std::lock_guard<std::mutex> lock(mu);
+    const int index = device.index();
+    if ((int)buffers.size() <= index) buffers.resize(index + 1, nullptr);
+    if (!buffers[index])
+    {
+        TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                    "q4_gemm_small: the first split-K call on ", device, " must run before CUDA graph capture "
+                    "(warm up once eagerly)");
+        buffers[index] = new torch::Tensor(
+            torch::zeros({Q4_COUNTERS}, torch::TensorOptions().dtype(torch::kInt32).device(device)));
+    }
+    return buffers[index]->data_ptr<int>();
+}
+
+void check_q4_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
+                      const std::optional<torch::Tensor>& perm, int64_t& K, int64_t& N, int64_t& groups)
+{
+    EXL_CHECK_CUDA(qweight);
+    EXL_CHECK_DTYPE(qweight, torch::kInt32);
+    EXL_CHECK_DIM(qweight, 2);
+    EXL_CHECK_CONTIG(qweight);
+    EXL_CHECK_ALIGNED(qweight, 16);
+    K = qweight.size(0) * 8;
+    N = qweight.size(1);
+    TORCH_CHECK(N % 4 == 0, "qweight.size(1) (N=", N, ") must be a multiple of 4");
+
+    EXL_CHECK_DTYPE(scales, torch::kFloat16);
+    EXL_CHECK_DTYPE(offsets, torch::kFloat16);
+    EXL_CHECK_DIM(scales, 2);
+    EXL_CHECK_CONTIG(scales);
+    EXL_CHECK_CONTIG(offsets);
+    EXL_CHECK_SIZE(scales, 1, N);
+    TORCH_CHECK(offsets.sizes() == scales.sizes(), "offsets must have the shape of scales ", scales.sizes(),
+                " (got ", offsets.sizes(), ")");
+    EXL_CHECK_SAME_DEVICE(qweight, scales);
+    EXL_CHECK_SAME_DEVICE(qweight, offsets);
+    EXL_CHECK_ALIGNED(scales, 8);  // 8-byte loads of 4 columns
+    EXL_CHECK_ALIGNED(offsets, 8);
+    groups = scales.size(0);
+    TORCH_CHECK(groups > 0 && K % groups == 0, "scales.size(0) (", groups, " groups) must divide K=", K);
+    TORCH_CHECK((K / groups) % 8 == 0, "group size K / groups = ", K / groups, " must be a multiple of 8");
+    if (perm.has_value())
+    {
+        const auto& p = *perm;
+        TORCH_CHECK(p.scalar_type() == torch::kInt64 || p.scalar_type() == torch::kInt32,
+                    "perm must be int64 or int32 (got ", p.scalar_type(), ")");
+        EXL_CHECK_DIM(p, 1);
+        EXL_CHECK_SIZE(p, 0, K);
+        EXL_CHECK_CONTIG(p);
+        EXL_CHECK_SAME_DEVICE(qweight, p);
+    }
+}
+
+struct DeviceInfo
+{
+    int sm_count = 0;
+    int smem_optin = 0;
+};
+
+// Multiprocessor count and opt-in shared memory per block, read once per device.
+DeviceInfo device_info(int device)
+{
+    static std::mutex mu;
+    static std::vector<DeviceInfo> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    if ((int)cache.size() <= device) cache.resize(device + 1);
+    DeviceInfo& d = cache[device];
+    if (d.sm_count == 0)
+    {
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    }
+    return d;
+}
+
+Q4GemmPlan make_plan(int M, int K, int N, int groups, int device, int tn, int splits, int variant)
+{
+    const DeviceInfo d = device_info(device);
+    return q4_gemm_plan(M, K, N, groups, d.sm_count, (size_t)d.smem_optin, tn, splits, variant);
+}
+
+}  // namespace
+
+void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
+                   const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant)
+{
+    int64_t K, N, groups;
+    check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
+    EXL_CHECK_DTYPE(x, torch::kFloat16);
+    EXL_CHECK_DIM(x, 2);
+    EXL_CHECK_CONTIG(x);
+    EXL_CHECK_SAME_DEVICE(x, qweight);
+    EXL_CHECK_ALIGNED(x, 16);
+    EXL_CHECK_SIZE(x, 1, K);
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "q4_gemm_small takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
+    EXL_CHECK_DTYPE(out, torch::kFloat16);
+    EXL_CHECK_CONTIG(out);
+    EXL_CHECK_SAME_DEVICE(out, qweight);
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
+                "out must have shape [", M, ", ", N, "] (got ", out.sizes(), ")");
+    if (bias.has_value())
+    {
+        EXL_CHECK_DTYPE((*bias), torch::kFloat16);
+        EXL_CHECK_CONTIG((*bias));
+        EXL_CHECK_SAME_DEVICE((*bias), qweight);
+        TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " elements (got ", bias->sizes(), ")");
+    }
+    if (residual.has_value())
+    {
+        EXL_CHECK_DTYPE((*residual), torch::kFloat16);
+        EXL_CHECK_CONTIG((*residual));
+        EXL_CHECK_SAME_DEVICE((*residual), qweight);
+        TORCH_CHECK(residual->numel() == M * N, "residual must have shape [", M, ", ", N, "] (got ", residual->sizes(), ")");
+    }
+
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    const int device = qweight.device().index();
+    const Q4GemmPlan plan = make_plan((int)M, (int)K, (int)N, (int)groups, device, (int)tn, (int)splits, (int)variant);
+    TORCH_CHECK(plan.splits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
+                " groups=", groups, " tn=", tn, " splits=", splits);
+
+    torch::Tensor workspace;
+    Q4GemmArgs a{};
+    if (plan.splits > 1)
+    {
+        workspace = torch::empty({(int64_t)plan.splits * M * N}, x.options().dtype(torch::kFloat32));
+        a.workspace = workspace.data_ptr<float>();
+        a.counters = tile_counters(qweight.device());
+    }
+    a.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+    a.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+    a.scales = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
+    a.offsets = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
+    if (perm.has_value())
+    {
+        if (perm->scalar_type() == torch::kInt64) a.perm64 = perm->data_ptr<int64_t>();
+        else a.perm32 = perm->data_ptr<int32_t>();
+    }
+    a.bias = bias.has_value() ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr;
+    a.residual = residual.has_value() ? reinterpret_cast<const half*>(residual->data_ptr<at::Half>()) : nullptr;
+    a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+    a.M = (int)M;
+    a.K = (int)K;
+    a.N = (int)N;
+    a.groups = (int)groups;
+    a.gpr = (int)(K / groups / 8);
+
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(q4_gemm_small_launch(plan, a, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
+                                       int64_t tn, int64_t splits, int64_t variant)
+{
+    const Q4GemmPlan p = make_plan((int)M, (int)K, (int)N, (int)groups, (int)device, (int)tn, (int)splits, (int)variant);
+    return {p.tn, p.splits, p.rows_per_split, p.rows_per_trow, p.variant, p.tiles, (int64_t)p.smem_bytes};
+}
+
+std::string q4_gemm_variant_name_py(int64_t variant) { return q4_gemm_variant_name((int)variant); }
+
+int64_t q4_gemm_num_variants_py(int64_t M) { return q4_gemm_num_variants((int)M); }
+
+void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
+                const std::optional<torch::Tensor>& perm, torch::Tensor& out)
+{
+    int64_t K, N, groups;
+    check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
+    EXL_CHECK_DTYPE(out, torch::kFloat16);
+    EXL_CHECK_CONTIG(out);
+    EXL_CHECK_SAME_DEVICE(out, qweight);
+    EXL_CHECK_ALIGNED(out, 8);
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == K && out.size(1) == N,
+                "out must have shape [", K, ", ", N, "] (got ", out.sizes(), ")");
+
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    const int32_t* p32 = nullptr;
+    const int64_t* p64 = nullptr;
+    if (perm.has_value())
+    {
+        if (perm->scalar_type() == torch::kInt64) p64 = perm->data_ptr<int64_t>();
+        else p32 = perm->data_ptr<int32_t>();
+    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(q4_dequant_launch(reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                                     reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
+                                     reinterpret_cast<const half*>(offsets.data_ptr<at::Half>()), p32, p64,
+                                     reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)K, (int)N, (int)groups,
+                                     stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}

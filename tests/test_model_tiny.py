@@ -1,0 +1,133 @@
+"""Tiny random Llama checkpoints: our forward against transformers, cache, batching, GPTQ."""
+import pytest
+import torch
+
+from tiny import gptq_checkpoint, hf_tiny, load_ours, save_hf
+
+from model.quant import dequantize, from_gptq, pack_int4, unpack_int4, pack_cols_int4, unpack_cols_int4
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def hf_logits(m, ids):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True},
+    {"num_key_value_heads": 4},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    {"attention_bias": True, "mlp_bias": True},
+])
+def test_forward_matches_transformers(tmp_path, overrides):
+    hf = hf_tiny(**overrides)
+    # Dynamic NTK: transformers rescales for the current length, we for the cache length
+    # (so cached keys stay valid); with the two equal they must agree.
+    ours = load_ours(save_hf(hf, tmp_path / "m"), max_seq_len=40)
+    ids = torch.randint(0, 96, (2, 40))
+    assert rel(ours(ids, last_only=False), hf_logits(hf, ids)) < 1e-4
+
+
+def test_incremental_equals_full(tmp_path):
+    ours = load_ours(save_hf(hf_tiny(seed=1), tmp_path / "m"), max_seq_len=64)
+    ids = torch.randint(0, 96, (1, 30))
+    full = ours(ids, last_only=False)
+    cache = ours.new_cache()
+    parts = [ours(ids[:, :10], cache, last_only=False)]          # prefill
+    parts.append(ours(ids[:, 10:17], cache, last_only=False))    # a chunk on a warm cache
+    parts += [ours(ids[:, i:i + 1], cache) for i in range(17, 30)]  # token by token
+    assert cache.length == 30
+    assert rel(torch.cat(parts, 1), full) < 1e-5
+    # Rewind and re-feed a different continuation: the dead tail must not leak in.
+    cache.truncate(12)
+    alt = torch.randint(0, 96, (1, 5))
+    inc = ours(alt, cache, last_only=False)
+    ref = ours(torch.cat([ids[:, :12], alt], 1), last_only=False)[:, 12:]
+    assert rel(inc, ref) < 1e-5
+    with pytest.raises(ValueError):
+        cache.truncate(40)
+
+
+def test_left_padded_batch_equals_single_rows(tmp_path):
+    ours = load_ours(save_hf(hf_tiny(seed=2), tmp_path / "m"), max_seq_len=64)
+    a, b = torch.randint(3, 96, (1, 12)), torch.randint(3, 96, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    pad = torch.tensor([0, 5])
+    cache = ours.new_cache(batch_size=2)
+    out = ours(batch, cache, pad=pad)
+    ref_a, ref_b = ours(a), ours(b)
+    assert rel(out[0], ref_a[0]) < 1e-5 and rel(out[1], ref_b[0]) < 1e-5
+    step = torch.randint(3, 96, (2, 1))
+    out2 = ours(step, cache, pad=pad)
+    assert rel(out2[1], ours(torch.cat([b, step[1:]], 1))[0]) < 1e-5
+
+
+def test_pack_unpack_round_trip_is_exact():
+    q = torch.randint(0, 16, (96, 40), dtype=torch.int32)
+    assert torch.equal(unpack_int4(pack_int4(q)).int(), q)
+    z = torch.randint(0, 16, (3, 64), dtype=torch.int32)
+    assert torch.equal(unpack_cols_int4(pack_cols_int4(z)).int(), z)
+    # Nibble j of word i is row 8i+j, low bits first (GPTQ's layout), checked by hand.
+    q = torch.zeros(8, 1, dtype=torch.int32)
+    q[1, 0], q[7, 0] = 3, 15
+    assert pack_int4(q).item() == (3 << 4) | (15 << 28) - (1 << 32)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_checkpoint_equals_dequantized_weights(tmp_path, group_size, sym, act_order):
+    hf = hf_tiny(seed=3, hidden_size=128, intermediate_size=256)
+    folder = gptq_checkpoint(hf, tmp_path / "q", group_size, sym, act_order)
+    ours = load_ours(folder, max_seq_len=64)
+    assert ours.layers[0].mlp.up_proj.quantized is False   # CPU: dequantized once at load
+    ids = torch.randint(0, 96, (1, 24))
+    # hf now holds the independently dequantized weights: the two must agree. The q4 format
+    # keeps -scale*zero as an fp16 offset (0.4% of a quantization step at most), which costs
+    # ~1e-3 of relative error on these logits; a wrong permutation or zero would cost O(1).
+    assert rel(ours(ids, last_only=False), hf_logits(hf, ids)) < 4e-3
+
+
+def test_act_order_layer_keeps_its_permutation(tmp_path):
+    hf = hf_tiny(seed=4, hidden_size=128, intermediate_size=256)
+    folder = gptq_checkpoint(hf, tmp_path / "q", 32, False, True)
+    from model.config import ModelConfig, RuntimeConfig
+    from model.model import LlamaModel
+    from model.weights import load_safetensors_model
+    cfg = ModelConfig.from_file(folder / "config.json")
+    m = load_safetensors_model(LlamaModel(cfg, RuntimeConfig(device="cpu")), folder)
+    lin = m.layers[0].self_attn.q_proj
+    assert lin.quantized and lin.perm is not None
+    # The q4 reference product through the permutation equals the dense product.
+    x = torch.randn(3, 128)
+    y = m.ops.q4_matmul(x, lin.qweight, lin.scales, lin.offsets, lin.perm)
+    assert rel(y, x @ hf.model.layers[0].self_attn.q_proj.weight.t()) < 1e-3
+
+
+def test_from_gptq_rejects_uneven_groups():
+    qweight = torch.zeros(4, 8, dtype=torch.int32)
+    qzeros = torch.zeros(1, 1, dtype=torch.int32)
+    scales = torch.ones(1, 8, dtype=torch.float16)
+    g_idx = torch.tensor([0] * 32, dtype=torch.int32)
+    from_gptq(qweight, qzeros, scales, g_idx)   # fine: one group
+    scales2 = torch.ones(2, 8, dtype=torch.float16)
+    qzeros2 = torch.zeros(2, 1, dtype=torch.int32)
+    bad = torch.tensor([0] * 20 + [1] * 12, dtype=torch.int32)
+    with pytest.raises(ValueError):
+        from_gptq(qweight, qzeros2, scales2, bad)
+
+
+def test_dequantize_matches_formula():
+    K, N, gs = 64, 16, 32
+    q = torch.randint(0, 16, (K, N))
+    s, o = torch.rand(K // gs, N).half(), torch.randn(K // gs, N).half()
+    w = dequantize(pack_int4(q), s, o)
+    expect = q.float() * s.float().repeat_interleave(gs, 0) + o.float().repeat_interleave(gs, 0)
+    assert torch.equal(w, expect)
