@@ -43,12 +43,12 @@ class Linear(nn.Module):
             wt = full
         return wt.t().contiguous()
 
-    def to_device(self, device, dtype, dequantize_q4: bool):
+    def to_device(self, device, dtype, weight_dtype, dequantize_q4: bool):
         """Move to the device; on CPUs 4-bit weights become dense (dequantize once, matmul fast)."""
         if self.quantized and dequantize_q4:
-            self.set_dense(self.dense_weight(dtype).to(device), self.bias)
+            self.set_dense(self.dense_weight(torch.float32).to(device), self.bias)
         if self.weight is not None:
-            self.weight = self.weight.to(device, dtype).contiguous()
+            self.weight = self.weight.to(device, weight_dtype).contiguous()
         for name in ("qweight", "scales", "offsets", "perm"):
             t = getattr(self, name)
             if t is not None:
@@ -59,8 +59,14 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, lora: str | None = None) -> torch.Tensor:
         if self.quantized:
             y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm)
-        else:
+        elif self.weight.dtype == x.dtype:
             y = torch.nn.functional.linear(x, self.weight)
+        elif x.numel() <= 8 * x.shape[-1]:
+            # A few rows (decode): stream the narrow weights, convert only the activations.
+            y = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        else:
+            # Many rows (prompt): widen the weights once, keep the activations exact.
+            y = torch.nn.functional.linear(x, self.weight.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias
         if lora is not None and lora in self.lora:

@@ -48,16 +48,19 @@ class LlamaModel(nn.Module):
     # -- set-up ---------------------------------------------------------------------------
     def finalize(self):
         """Move every weight to the runtime device/dtype once loading is complete."""
-        dev, dt = self.device, self.dtype
+        dev, dt, wdt = self.device, self.dtype, self.runtime.torch_weight_dtype()
         dequant = dev.type == "cpu"
-        self.embed_tokens = self.embed_tokens.to(dev, dt)
         if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
             self.lm_head.set_dense(self.embed_tokens)
+        self.embed_tokens = self.embed_tokens.to(dev, dt)
         for mod in self.modules():
             if isinstance(mod, Linear):
-                mod.to_device(dev, dt, dequant)
+                mod.to_device(dev, dt, wdt, dequant)
             elif isinstance(mod, RMSNorm):
                 mod.weight = mod.weight.to(dev, torch.float32)
+        if self.cfg.tie_word_embeddings and self.lm_head.weight is not None \
+                and self.lm_head.weight.dtype == dt and self.lm_head.weight.shape == self.embed_tokens.shape:
+            self.lm_head.weight = self.embed_tokens   # one copy of the tied table
         self.rotary = Rotary(self.cfg, self.runtime, dev)
         return self
 

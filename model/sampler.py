@@ -512,6 +512,7 @@ class Sampler:
 
     _PARTIAL_TOP_P_K = 1024  # first guess of the head size for top_p / typical without top_k
     _PARTIAL_TYPICAL_MIN_N = 4096  # rows longer than this use the partial-topk typical path
+    _COMPACT_MIN_N = 8192  # single rows longer than this are compacted to their survivors to draw
 
     def __init__(self, settings: SamplerSettings | None = None, seed: int | None = None):
         self._settings = settings if settings is not None else SamplerSettings()
@@ -708,7 +709,9 @@ class Sampler:
             pos = x.argmax(-1)
             if not bool(torch.isfinite(x.gather(1, pos.unsqueeze(1))).all()):
                 self._check_rows(x)
+                raise ValueError("no token can be sampled: the logits contain nan")
             return _compose(idx, pos)
+        x, idx = self._compact_finite(x, idx)
         shifted = x - x.amax(-1, keepdim=True)
         pos, total = self._draw(shifted.exp())
         if mode == "mirostat":
@@ -718,6 +721,19 @@ class Sampler:
             self._mu = self._mu - s.mirostat_eta * (surprise - s.mirostat_tau)
             self.last_surprise = surprise
         return _compose(idx, pos)
+
+    def _compact_finite(self, x: torch.Tensor, idx: torch.Tensor | None):
+        """A long single row with few survivors (min_p / mirostat on the full vocabulary) is cut down
+        to its finite entries: exp() of ~1e5 -inf entries costs more than finding the survivors."""
+        n = x.shape[1]
+        if x.shape[0] != 1 or n <= self._COMPACT_MIN_N:
+            return x, idx
+        nz = torch.isfinite(x[0]).nonzero().squeeze(1)
+        if nz.numel() == 0 or nz.numel() * 4 > n:
+            return x, idx
+        if idx is not None and idx.dim() == 2:
+            return x[:, nz], idx[:, nz]
+        return x[:, nz], _compose(idx, nz)
 
     def _draw(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse-CDF draw from unnormalised weights ``[B, C]`` (>= 0): one cumsum (fp64) and one

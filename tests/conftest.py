@@ -11,12 +11,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 BOTCHAN = ROOT / "data" / "botchan.txt"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
 @pytest.fixture(scope="session")
 def botchan_text() -> str:
     if not BOTCHAN.is_file():
@@ -30,7 +24,7 @@ def embedded_fp32():
     """The embedded SmolLM2-135M on the CPU in fp32 (exact reference settings), loaded once."""
     from model.config import RuntimeConfig
     from model.loader import load
-    return load(None, RuntimeConfig(device="cpu", dtype="float32", max_seq_len=1024), progress=False)
+    return load(None, RuntimeConfig(device="cpu", dtype="float32", weight_dtype="float32", max_seq_len=1024), progress=False)
 
 
 @pytest.fixture(scope="session")

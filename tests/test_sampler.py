@@ -341,6 +341,9 @@ def test_banned_and_allowed_in_sampler():
         Sampler(SamplerSettings(allowed_tokens=[60])).sample(x)
     with pytest.raises(ValueError, match="no token"):
         Sampler(SamplerSettings(banned_tokens=[0, 1])).sample(torch.zeros(1, 2))
+    for s in (SamplerSettings.greedy(), SamplerSettings.neutral()):
+        with pytest.raises(ValueError, match="nan"):
+            Sampler(s).sample(torch.tensor([[0.0, float("nan"), 1.0]]))
 
 
 def test_logits_shapes_and_dtypes():
@@ -412,3 +415,24 @@ def test_draw_never_picks_zero_weight():
     x[:1000, 6] = 0.0
     toks = Sampler(SamplerSettings.neutral(), seed=9).sample(x)
     assert set(toks[1000:].tolist()) == {3} and set(toks[:1000].tolist()) == {3, 6}
+
+
+def test_large_row_compaction_paths_sample_only_survivors():
+    # B = 1, V > 8192: min_p / mirostat / top_p-full-sort survivors are compacted before the draw
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 20000, generator=g)
+    x[0, 123] = 9.0
+    x[0, 4567] = 8.5
+    for s in (SamplerSettings.neutral(min_p=0.3),
+              SamplerSettings.neutral(mirostat=True, mirostat_tau=0.5, mirostat_eta=0.5),
+              SamplerSettings.neutral(allowed_tokens=list(range(0, 20000, 2)) + [123, 4567], min_p=0.3),
+              SamplerSettings.neutral(top_p=0.999, min_p=0.3)):
+        sm = Sampler(s, seed=0)
+        seen = set()
+        for _ in range(60):  # support checked every step: mirostat's mu moves after each draw
+            support = set((sm.probs(x)[0] > 0).nonzero().squeeze(1).tolist())
+            assert support <= {123, 4567} and 123 in support
+            tok = int(sm.sample(x))
+            assert tok in support
+            seen.add(tok)
+        assert seen == {123, 4567}

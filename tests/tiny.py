@@ -108,5 +108,5 @@ def gptq_checkpoint(m, folder: Path, group_size=32, sym=False, act_order=False, 
 
 def load_ours(folder: Path, **runtime) -> LlamaModel:
     cfg = ModelConfig.from_file(folder / "config.json")
-    rt = RuntimeConfig(**{"dtype": "float32", "device": "cpu", **runtime})
+    rt = RuntimeConfig(**{"dtype": "float32", "weight_dtype": "float32", "device": "cpu", **runtime})
     return load_safetensors_model(LlamaModel(cfg, rt), folder, None).finalize()

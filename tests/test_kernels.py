@@ -1,0 +1,351 @@
+"""CUDA kernels (cuda_ext) against their torch references.
+
+Every check draws fresh random inputs, poisons outputs with NaN first (so unwritten elements show),
+and compares by relative error ||out - ref|| / ||ref|| against an fp32 reference:
+  q4 products (fp16 out, fp32 sums)     < 2e-3
+  rms_norm / silu_mul / rotary          < 2e-3   (one fp16 rounding of the output dominates)
+  q4_dequant                            bit-exact vs the fp32 reference cast to fp16
+Skipped as a whole without a CUDA device or when the extension cannot build.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from cuda_ext import build  # noqa: E402
+
+if not build.is_available():
+    pytest.skip(f"extension unavailable: {build.failure_reason()}", allow_module_level=True)
+
+from cuda_ext import ops  # noqa: E402
+from model.quant import dequantize, pack_int4, q4_matmul_ref  # noqa: E402
+
+DEV = torch.device("cuda")
+Q4_TOL = 2e-3
+ELEM_TOL = 2e-3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or overflowed elements)"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison(shape, dtype=torch.float16) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def make_q4(K: int, N: int, gs: int, act_order: bool = False, gen: torch.Generator | None = None):
+    """Random q4 layer: every nibble random, GPTQ-like scales and offsets (-scale * zero)."""
+    G = K // gs
+    q = torch.randint(0, 16, (K, N), device=DEV, generator=gen)
+    qweight = pack_int4(q)
+    scales = (torch.rand(G, N, device=DEV, generator=gen) * 0.02 + 0.002).half()
+    zeros = torch.randint(1, 16, (G, N), device=DEV, generator=gen).float()
+    offsets = (-scales.float() * zeros).half()
+    perm = torch.randperm(K, device=DEV, generator=gen) if act_order else None
+    return qweight, scales, offsets, perm
+
+
+def ref_q4(x, qweight, scales, offsets, perm=None, bias=None, residual=None):
+    y = q4_matmul_ref(x.float(), qweight, scales, offsets, perm)
+    if bias is not None:
+        y = y + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y
+
+
+# ---- q4_gemm_small ------------------------------------------------------------------------
+
+SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008)]
+GROUPS = [32, 64, 128, 0]  # 0: one group over all of K
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_gemm_small_shapes(K, N, gs, act_order):
+    gs = gs or K
+    if K % gs:
+        pytest.skip("group size does not divide K")
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    for M in range(1, 9):
+        x = torch.randn(M, K, device=DEV).half()
+        out = poison((M, N))
+        ops.q4_gemm_small(x, qw, sc, of, perm, out=out)
+        err = rel_err(out, ref_q4(x, qw, sc, of, perm))
+        assert err < Q4_TOL, f"M={M} K={K} N={N} gs={gs} act_order={act_order}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("K,N", [(576, 49152), (4096, 32000), (4096, 12288), (4096, 22016)])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_q4_gemm_small_wide(K, N, M):
+    qw, sc, of, perm = make_q4(K, N, 64 if K == 576 else 128)
+    x = torch.randn(M, K, device=DEV).half()
+    out = poison((M, N))
+    ops.q4_gemm_small(x, qw, sc, of, out=out)
+    assert rel_err(out, ref_q4(x, qw, sc, of)) < Q4_TOL
+
+
+@pytest.mark.parametrize("tn", [32, 64, 128])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("M", [1, 2, 5, 8])
+def test_q4_gemm_small_configs(tn, splits, M):
+    """Every tile width and split count, including uneven splits and a partial last column tile."""
+    K, N, gs = 1536, 192 + 64, 32
+    qw, sc, of, perm = make_q4(K, N, gs, act_order=(splits % 2 == 1))
+    x = torch.randn(M, K, device=DEV).half()
+    out = poison((M, N))
+    ops.q4_gemm_small(x, qw, sc, of, perm, out=out, tn=tn, splits=splits)
+    assert rel_err(out, ref_q4(x, qw, sc, of, perm)) < Q4_TOL
+
+
+@pytest.mark.parametrize("M", [1, 4])
+def test_q4_gemm_small_variants(M):
+    K, N = 4096, 1536
+    qw, sc, of, _ = make_q4(K, N, 128)
+    x = torch.randn(M, K, device=DEV).half()
+    ref = ref_q4(x, qw, sc, of)
+    for v in range(build.load().q4_gemm_num_variants(M)):
+        for splits in (1, 4):
+            out = poison((M, N))
+            ops.q4_gemm_small(x, qw, sc, of, out=out, variant=v, splits=splits)
+            assert rel_err(out, ref) < Q4_TOL, f"variant {v} splits {splits}"
+
+
+def test_q4_gemm_small_bias_residual_and_inplace():
+    K, N, M = 4096, 4096, 3
+    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
+    x = torch.randn(M, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    res = torch.randn(M, N, device=DEV).half()
+    ref = ref_q4(x, qw, sc, of, perm, bias, res)
+    out = poison((M, N))
+    ops.q4_gemm_small(x, qw, sc, of, perm, bias=bias, residual=res, out=out)
+    assert rel_err(out, ref) < Q4_TOL
+    # out aliasing residual: out += x @ W
+    acc = res.clone()
+    ops.q4_gemm_small(x, qw, sc, of, perm, bias=bias, residual=acc, out=acc)
+    assert rel_err(acc, ref) < Q4_TOL
+
+
+def test_q4_gemm_small_int32_perm_and_deterministic():
+    K, N = 11008, 4096
+    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
+    x = torch.randn(2, K, device=DEV).half()
+    a = ops.q4_gemm_small(x, qw, sc, of, perm)
+    b = ops.q4_gemm_small(x, qw, sc, of, perm.to(torch.int32))
+    assert torch.equal(a, b), "split-K reduction must be deterministic and perm dtype must not matter"
+    assert rel_err(a, ref_q4(x, qw, sc, of, perm)) < Q4_TOL
+
+
+def test_q4_gemm_small_cuda_graph():
+    """Captured once, replayed with new inputs in place: the split-K counters must reset themselves."""
+    K, N = 4096, 4096
+    qw, sc, of, _ = make_q4(K, N, 128)
+    x = torch.randn(1, K, device=DEV).half()
+    out = poison((1, N))
+    ops.q4_gemm_small(x, qw, sc, of, out=out)  # eager warm-up
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        ops.q4_gemm_small(x, qw, sc, of, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        x.copy_(torch.randn(1, K, device=DEV).half())
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, ref_q4(x, qw, sc, of)) < Q4_TOL
+
+
+def test_q4_gemm_small_rejects_bad_args():
+    qw, sc, of, _ = make_q4(576, 192, 32)
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.q4_gemm_small(torch.randn(9, 576, device=DEV).half(), qw, sc, of)
+    with pytest.raises(RuntimeError, match="Half|float16"):
+        ops.q4_gemm_small(torch.randn(1, 576, device=DEV), qw, sc, of)
+    with pytest.raises(RuntimeError, match="size"):
+        ops.q4_gemm_small(torch.randn(1, 512, device=DEV).half(), qw, sc, of)
+
+
+# ---- q4_dequant and q4_matmul dispatch ----------------------------------------------------
+
+@pytest.mark.parametrize("K,N", [(576, 192), (1536, 576), (4096, 11008), (11008, 4096)])
+@pytest.mark.parametrize("gs", GROUPS)
+def test_q4_dequant_exact(K, N, gs):
+    gs = gs or K
+    if K % gs:
+        pytest.skip("group size does not divide K")
+    qw, sc, of, _ = make_q4(K, N, gs)
+    out = poison((K, N))
+    ops.q4_dequant(qw, sc, of, out=out)
+    ref = dequantize(qw, sc, of, torch.float32).half()
+    assert torch.equal(out, ref)
+
+
+def test_q4_dequant_perm_scatters_rows():
+    K, N = 1536, 576
+    qw, sc, of, perm = make_q4(K, N, 64, act_order=True)
+    out = poison((K, N))
+    ops.q4_dequant(qw, sc, of, perm, out=out)
+    ref = dequantize(qw, sc, of, torch.float32).half()
+    assert torch.equal(out[perm], ref)
+
+
+@pytest.mark.parametrize("lead", [(1,), (8,), (9,), (2, 7), (300,), (4, 512)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_matmul_dispatch(lead, act_order):
+    K, N = 4096, 1536
+    qw, sc, of, perm = make_q4(K, N, 128, act_order)
+    x = torch.randn(*lead, K, device=DEV).half()
+    y = ops.q4_matmul(x, qw, sc, of, perm)
+    assert y.shape == (*lead, N) and y.dtype == torch.float16
+    assert rel_err(y, ref_q4(x, qw, sc, of, perm)) < Q4_TOL
+
+
+def test_q4_matmul_large_m_bias_residual():
+    K, N, M = 1536, 576, 2048
+    qw, sc, of, perm = make_q4(K, N, 32, act_order=True)
+    x = torch.randn(M, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    res = torch.randn(M, N, device=DEV).half()
+    y = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res)
+    assert rel_err(y, ref_q4(x, qw, sc, of, perm, bias, res)) < Q4_TOL
+
+
+def test_q4_matmul_bf16_falls_back():
+    K, N = 576, 192
+    qw, sc, of, perm = make_q4(K, N, 64, act_order=True)
+    x = torch.randn(3, K, device=DEV).bfloat16()
+    y = ops.q4_matmul(x, qw, sc, of, perm)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, ref_q4(x, qw, sc, of, perm)) < 1e-2
+
+
+# ---- rms_norm -----------------------------------------------------------------------------
+
+def rms_ref(x, w, eps):
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+
+@pytest.mark.parametrize("M,D", [(1, 576), (7, 4096), (33, 8192), (5, 100), (3, 4104)])
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.float32])
+def test_rms_norm(M, D, wdtype):
+    x = (torch.randn(M, D, device=DEV) * 3).half()
+    w = (torch.rand(D, device=DEV) + 0.5).to(wdtype)
+    out = poison((M, D))
+    ops.rms_norm(x, w, 1e-5, out=out)
+    assert rel_err(out, rms_ref(x, w, 1e-5)) < ELEM_TOL
+
+
+def test_rms_norm_strided_rows_and_3d():
+    x_full = torch.randn(2, 5, 2 * 576, device=DEV).half()
+    x = x_full[..., :576]                      # rows strided by 1152
+    w = torch.rand(576, device=DEV).half()
+    y = ops.rms_norm(x, w, 1e-6)
+    assert y.shape == x.shape
+    assert rel_err(y, rms_ref(x, w, 1e-6)) < ELEM_TOL
+
+
+@pytest.mark.parametrize("M,D", [(1, 4096), (6, 576), (4, 100)])
+def test_add_rms_norm(M, D):
+    res = torch.randn(M, D, device=DEV).half()
+    x = torch.randn(M, D, device=DEV).half()
+    w = (torch.rand(D, device=DEV) + 0.5).half()
+    new_res = (res.float() + x.float()).half()
+    out = poison((M, D))
+    ops.add_rms_norm(res, x, w, 1e-5, out=out)
+    assert torch.equal(res, new_res)
+    assert rel_err(out, rms_ref(new_res, w, 1e-5)) < ELEM_TOL
+
+
+# ---- rotary -------------------------------------------------------------------------------
+
+def rope_tables(max_pos, dh, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh))
+    f = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
+    return f.cos().float().to(DEV), f.sin().float().to(DEV)
+
+
+def rotary_reference(x, cos, sin, pos):
+    d = x.shape[-1] // 2
+    c, s = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize("B,T,H,Dh", [(1, 1, 32, 128), (2, 5, 9, 64), (3, 17, 3, 64), (1, 300, 4, 128)])
+@pytest.mark.parametrize("pdtype", [torch.int32, torch.int64])
+def test_rotary_random_positions(B, T, H, Dh, pdtype):
+    cos, sin = rope_tables(4096, Dh)
+    x = torch.randn(B, T, H, Dh, device=DEV).half()
+    pos = torch.randint(0, 4096, (B, T), device=DEV, dtype=pdtype)
+    ref = rotary_reference(x, cos, sin, pos)
+    ops.rotary_(x, cos, sin, pos)
+    assert rel_err(x, ref) < ELEM_TOL
+
+
+def test_rotary_strided_qkv_view_leaves_v_alone():
+    B, T, H, Hkv, Dh = 2, 3, 8, 2, 64
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * Dh, device=DEV).half()
+    before = qkv.clone()
+    q = qkv[..., : H * Dh].view(B, T, H, Dh)
+    k = qkv[..., H * Dh: (H + Hkv) * Dh].view(B, T, Hkv, Dh)
+    cos, sin = rope_tables(512, Dh)
+    pos = torch.randint(0, 512, (T,), device=DEV)
+    ref_q = rotary_reference(q, cos, sin, pos.unsqueeze(0).expand(B, -1))
+    ref_k = rotary_reference(k, cos, sin, pos.unsqueeze(0).expand(B, -1))
+    ops.rotary_(q, cos, sin, pos)
+    ops.rotary_(k, cos, sin, pos)
+    assert rel_err(q, ref_q) < ELEM_TOL and rel_err(k, ref_k) < ELEM_TOL
+    assert torch.equal(qkv[..., (H + Hkv) * Dh:], before[..., (H + Hkv) * Dh:])
+
+
+def test_rotary_cuda_graph_moving_position():
+    Dh, H = 128, 32
+    cos, sin = rope_tables(2048, Dh)
+    src = torch.randn(1, 1, H, Dh, device=DEV).half()
+    x = src.clone()
+    pos = torch.zeros(1, 1, dtype=torch.int64, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        ops.rotary_(x, cos, sin, pos)
+    torch.cuda.current_stream().wait_stream(s)
+    for p in (5, 1000, 2047):
+        x.copy_(src)
+        pos.fill_(p)
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(x, rotary_reference(src, cos, sin, pos)) < ELEM_TOL
+
+
+# ---- silu_mul -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M,F", [(1, 11008), (8, 1536), (5, 100), (64, 1536)])
+def test_silu_mul(M, F):
+    g = (torch.randn(M, F, device=DEV) * 4).half()
+    u = torch.randn(M, F, device=DEV).half()
+    out = poison((M, F))
+    ops.silu_mul(g, u, out=out)
+    ref = torch.nn.functional.silu(g.float()) * u.float()
+    assert rel_err(out, ref) < ELEM_TOL
+
+
+def test_silu_mul_fused_halves():
+    M, F = 3, 1536
+    gu = torch.randn(2, M, 2 * F, device=DEV).half()
+    g, u = gu[..., :F], gu[..., F:]
+    y = ops.silu_mul(g, u)
+    ref = torch.nn.functional.silu(g.float()) * u.float()
+    assert y.shape == (2, M, F) and rel_err(y, ref) < ELEM_TOL
