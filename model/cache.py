@@ -6,6 +6,13 @@ import torch
 from .config import ModelConfig
 
 
+class StaticPos:
+    """Decode position held on the device ([1] int64) and the number of keys attended to."""
+
+    def __init__(self, pos: torch.Tensor, kv_len: int):
+        self.pos, self.kv_len = pos, kv_len
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_seq_len: int, batch_size: int = 1,
                  device="cpu", dtype=torch.float32, layer_devices: list | None = None):
@@ -28,8 +35,16 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Store k/v [B, Hkv, T, D] at [start, start+T); return the keys/values up to start+T."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
+        """Store k/v [B, Hkv, T, D] at [start, start+T); return the keys/values up to start+T.
+
+        `start` may be a StaticPos (a device-side position plus a fixed key length), which is
+        what a captured CUDA graph needs: no host value decides a shape or an offset.
+        """
+        if isinstance(start, StaticPos):
+            self.k[layer].index_copy_(2, start.pos, k)
+            self.v[layer].index_copy_(2, start.pos, v)
+            return self.k[layer][:, :, :start.kv_len], self.v[layer][:, :, :start.kv_len]
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_seq_len}")

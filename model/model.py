@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .cache import KVCache
+from .cache import KVCache, StaticPos
 from .config import ModelConfig, RuntimeConfig
 from .linear import Linear
 from .mlp import MLP
@@ -86,15 +86,40 @@ class LlamaModel(nn.Module):
         if pad is not None:
             pad = pad.to(self.device)
             pos = (pos - pad.unsqueeze(1)).clamp(min=0)
-        cos, sin = self.rotary.lookup(pos)
         mask = self._mask(B, T, start, pad)
-        h = self.embed_tokens[input_ids]
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, start, mask, lora)
+        h = self._layers(input_ids, pos, cache, start, mask, lora)
         if cache is not None:
             cache.length = start + T
         if last_only:
             h = h[:, -1:]
+        return self.lm_head(self.norm(h), lora).float()
+
+    def _layers(self, input_ids, pos, cache, start, mask, lora):
+        cos, sin = self.rotary.lookup(pos)
+        h = self.embed_tokens[input_ids]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, start, mask, lora)
+        return h
+
+    @torch.inference_mode()
+    def decode_static(self, input_ids: torch.Tensor, cache: KVCache, pos: torch.Tensor, kv_len: int,
+                      pad: torch.Tensor | None = None, lora: str | None = None) -> torch.Tensor:
+        """One decode step whose shapes and host values do not depend on the position.
+
+        input_ids [B, 1]; pos [1] int64 on the device (the cache slot to write); keys up to
+        kv_len (> pos) are read and those past pos masked. The caller advances cache.length.
+        This is the step a CUDA graph captures (model/graph.py).
+        """
+        B = input_ids.shape[0]
+        rope_pos = pos.view(1, 1).expand(B, 1)
+        if pad is not None:
+            rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
+        k = torch.arange(kv_len, device=self.device).view(1, 1, 1, kv_len)
+        mask = k <= pos.view(1, 1, 1, 1)
+        if pad is not None:
+            mask = mask & (k >= pad.view(B, 1, 1, 1))
+        mask = mask.expand(B, 1, 1, kv_len)
+        h = self._layers(input_ids, rope_pos, cache, StaticPos(pos, kv_len), mask, lora)
         return self.lm_head(self.norm(h), lora).float()
 
     def _mask(self, B, T, start, pad):

@@ -131,3 +131,17 @@ def test_dequantize_matches_formula():
     w = dequantize(pack_int4(q), s, o)
     expect = q.float() * s.float().repeat_interleave(gs, 0) + o.float().repeat_interleave(gs, 0)
     assert torch.equal(w, expect)
+
+
+def test_static_decode_step_equals_dynamic(tmp_path):
+    """The graph-capturable step (device position, fixed key length) equals the normal one."""
+    from model.graph import GraphDecoder
+    ours = load_ours(save_hf(hf_tiny(seed=7), tmp_path / "m"), max_seq_len=64)
+    ids = torch.randint(0, 96, (1, 20))
+    ref = ours(ids, last_only=False)
+    cache = ours.new_cache()
+    ours(ids[:, :6], cache)
+    dec = GraphDecoder(ours, cache, bucket=8, use_graphs=False)
+    outs = [dec(ids[:, i:i + 1]) for i in range(6, 20)]
+    assert cache.length == 20
+    assert rel(torch.cat(outs, 1), ref[:, 6:]) < 1e-5
