@@ -42,8 +42,12 @@ def stderr_progress(label: str):
     return show
 
 
-def load(path: str | Path | None = None, runtime: RuntimeConfig | None = None, progress=True):
-    """-> (LlamaModel, Tokenizer). progress: True (stderr), False, or a callable(done, total)."""
+def load(path: str | Path | None = None, runtime: RuntimeConfig | None = None, progress=True,
+         tokenizer: bool = True):
+    """-> (LlamaModel, Tokenizer | None). progress: True (stderr), False, or a callable(done, total).
+
+    tokenizer=False skips the tokenizer (speed runs on random-weight checkpoints have none).
+    """
     from .tokenizer import Tokenizer
     runtime = runtime or RuntimeConfig()
     kind, where = resolve(path)
@@ -54,11 +58,11 @@ def load(path: str | Path | None = None, runtime: RuntimeConfig | None = None, p
         reader = open_gguf(where)
         cfg = config_from_gguf(reader, where)
         model = load_gguf_model(LlamaModel(cfg, runtime), reader, where, progress or None)
-        tokenizer = Tokenizer.from_gguf(where)
+        tok = Tokenizer.from_gguf(reader) if tokenizer else None
     else:
         from .weights import load_safetensors_model
         cfg = ModelConfig.from_file(where / "config.json")
         model = load_safetensors_model(LlamaModel(cfg, runtime), where, progress or None)
-        tokenizer = Tokenizer.from_dir(where)
+        tok = Tokenizer.from_dir(where) if tokenizer else None
     model.source = str(where)
-    return model.finalize(), tokenizer
+    return model.finalize(), tok

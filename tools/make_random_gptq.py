@@ -1,0 +1,96 @@
+"""Write a random-weight 4-bit GPTQ checkpoint of a real model shape, for speed measurements.
+
+    python tools/make_random_gptq.py -o /tmp/llama7b --shape 7b [--group-size 128] [--act-order]
+
+Random weights are fine for speed and memory, never for quality. The files follow the standard
+GPTQ layout (qweight/qzeros/scales/g_idx + quantization_config), sharded at ~2 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+}
+
+
+def random_gptq(K: int, N: int, gs: int, act_order: bool, gen: torch.Generator) -> dict:
+    G = K // gs
+    g_idx = torch.arange(K, dtype=torch.int32) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=gen)]
+    return {
+        "qweight": torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, generator=gen),
+        "qzeros": torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, generator=gen),
+        "scales": (torch.rand(G, N, generator=gen) * 0.004 + 0.001).half(),
+        "g_idx": g_idx,
+    }
+
+
+def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0):
+    cfg = {**SHAPES[shape], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+           "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group_size,
+                                   "desc_act": act_order, "sym": True}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
+    shard, shard_bytes, index, n = {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(out / name))
+            index.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    def add(key, t):
+        nonlocal shard_bytes
+        shard[key] = t
+        shard_bytes += t.numel() * t.element_size()
+        if shard_bytes > 2e9:
+            flush()
+
+    add("model.embed_tokens.weight", (torch.randn(cfg["vocab_size"], d, generator=gen) * 0.02).half())
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for name, K, N in [("self_attn.q_proj", d, d), ("self_attn.k_proj", d, kv), ("self_attn.v_proj", d, kv),
+                           ("self_attn.o_proj", d, d), ("mlp.gate_proj", d, f), ("mlp.up_proj", d, f),
+                           ("mlp.down_proj", f, d)]:
+            for k, t in random_gptq(K, N, group_size if group_size > 0 else K, act_order, gen).items():
+                add(f"{p}.{name}.{k}", t)
+        add(f"{p}.input_layernorm.weight", torch.ones(d, dtype=torch.float16))
+        add(f"{p}.post_attention_layernorm.weight", torch.ones(d, dtype=torch.float16))
+        print(f"\rlayer {i + 1}/{cfg['num_hidden_layers']}", end="", flush=True)
+    add("model.norm.weight", torch.ones(d, dtype=torch.float16))
+    add("lm_head.weight", (torch.randn(cfg["vocab_size"], d, generator=gen) * 0.02).half())
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--act-order", action="store_true")
+    a = ap.parse_args()
+    write(a.out, a.shape, a.group_size, a.act_order)
