@@ -21,17 +21,18 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * self.head_dim, ops)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, ops)
 
-    def forward(self, x, cos, sin, cache=None, start: int = 0, mask=None, lora=None):
+    def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None):
+        """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual)."""
         B, T, _ = x.shape
         q = self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
-        q = self.ops.rotary(q, cos, sin).transpose(1, 2)       # [B, H, T, D]
-        k = self.ops.rotary(k, cos, sin).transpose(1, 2)       # [B, Hkv, T, D]
+        q = self.ops.rotary(q, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, H, T, D]
+        k = self.ops.rotary(k, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, Hkv, T, D]
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, start)
         causal = mask is None and T > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora, residual)

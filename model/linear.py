@@ -56,9 +56,11 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias = self.bias.to(device, dtype)
 
-    def forward(self, x: torch.Tensor, lora: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: str | None = None, residual: torch.Tensor | None = None):
+        """x @ W^T + b (+ the adapter's term) (+ residual, fused into the 4-bit kernel on GPUs)."""
         if self.quantized:
-            y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm)
+            y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm, self.bias, residual)
+            residual = None
         elif self.weight.dtype == x.dtype:
             y = torch.nn.functional.linear(x, self.weight)
         elif x.numel() <= 8 * x.shape[-1]:
@@ -67,8 +69,10 @@ class Linear(nn.Module):
         else:
             # Many rows (prompt): widen the weights once, keep the activations exact.
             y = torch.nn.functional.linear(x, self.weight.to(x.dtype))
-        if self.bias is not None:
+        if self.bias is not None and not self.quantized:
             y = y + self.bias
+        if residual is not None:
+            y = y + residual
         if lora is not None and lora in self.lora:
             a, b, scale = self.lora[lora]
             y = y + (x @ a.t()) @ b.t() * scale

@@ -15,6 +15,6 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, ops)
         self.down_proj = Linear(intermediate, hidden, ops)
 
-    def forward(self, x, lora=None):
+    def forward(self, x, lora=None, residual=None):
         h = self.ops.silu_mul(self.gate_proj(x, lora), self.up_proj(x, lora))
-        return self.down_proj(h, lora)
+        return self.down_proj(h, lora, residual)

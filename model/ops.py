@@ -20,11 +20,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (xf * weight.float()).to(x.dtype)
 
 
-def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary: x [B, T, H, D]; cos/sin [B, T, D/2] (fp32)."""
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary: x [B, T, H, D]; cos/sin tables [P, D/2] (fp32); pos [B, T]."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    c, s = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
@@ -61,17 +61,21 @@ class Ops:
         k = self.kernels_for(x)
         return k.rms_norm(x, weight, eps) if k else rms_norm_ref(x, weight, eps)
 
-    def rotary(self, x, cos, sin):
-        return rotary_ref(x, cos, sin)
+    def rotary(self, x, cos, sin, pos):
+        """x [B, T, H, D] rotated at positions pos [B, T]; may work in place."""
+        k = self.kernels_for(x)
+        return k.rotary_(x, cos, sin, pos) if k else rotary_ref(x, cos, sin, pos)
 
     def silu_mul(self, gate, up):
         k = self.kernels_for(gate)
         return k.silu_mul(gate, up) if k else silu_mul_ref(gate, up)
 
-    def q4_matmul(self, x, qweight, scales, offsets, perm):
+    def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None):
+        """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds)."""
         k = self.kernels_for(x)
         if k:
-            shape = x.shape
-            y = k.q4_matmul(x.reshape(-1, shape[-1]), qweight, scales, offsets, perm)
-            return y.reshape(*shape[:-1], y.shape[-1])
-        return q4_matmul_dequant(x, qweight, scales, offsets, perm)
+            return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual)
+        y = q4_matmul_dequant(x, qweight, scales, offsets, perm)
+        if bias is not None:
+            y = y + bias
+        return y if residual is None else y + residual

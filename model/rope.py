@@ -16,7 +16,3 @@ class Rotary:
         freqs = torch.outer(t, inv.double())
         self.cos = freqs.cos().float().to(device)
         self.sin = freqs.sin().float().to(device)
-
-    def lookup(self, positions: torch.Tensor):
-        """positions [B, T] -> (cos, sin), each [B, T, D/2]."""
-        return self.cos[positions], self.sin[positions]
