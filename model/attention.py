@@ -20,13 +20,24 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, ops)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, ops)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, ops)
+        self.qkv: Linear | None = None      # fused q|k|v on GPUs (model.finalize)
+
+    def _qkv(self, x, lora):
+        if self.qkv is None:
+            return self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
+        y = self.qkv(x)
+        q, k, v = y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        if lora is not None:
+            q, k, v = (t + p.lora_delta(x, lora) for t, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
+        return q, k, v
 
     def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None):
         """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual)."""
         B, T, _ = x.shape
-        q = self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = self._qkv(x, lora)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)
+        v = v.reshape(B, T, self.n_kv, self.head_dim)
         q = self.ops.rotary(q, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, H, T, D]
         k = self.ops.rotary(k, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, Hkv, T, D]
         v = v.transpose(1, 2)

@@ -137,6 +137,8 @@ class RuntimeConfig:
     alpha: float = 1.0             # NTK-aware RoPE alpha (scales the base)
     weight_dtype: str = "auto"     # CPU weight storage: auto (bfloat16 where the CPU has native bf16
                                    # dot products, else the activation dtype) | float32 | bfloat16 | float16
+    keep_q4: bool = False          # CPU: keep 4-bit weights and dequantize per call (4x less memory,
+                                   # slower) instead of dense weights; GPUs always keep them
     force_reference: bool = False  # never use the CUDA kernels
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible
     gpu_split: list[float] | str | None = None   # GB of weights per device, or "auto"

@@ -50,7 +50,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, t: torch.Tensor):
-        t = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)  # own storage: no views shared
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
             self.flush()

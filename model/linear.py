@@ -73,7 +73,36 @@ class Linear(nn.Module):
             y = y + self.bias
         if residual is not None:
             y = y + residual
-        if lora is not None and lora in self.lora:
-            a, b, scale = self.lora[lora]
-            y = y + (x @ a.t()) @ b.t() * scale
-        return y
+        return y + self.lora_delta(x, lora) if lora in self.lora else y
+
+    def lora_delta(self, x: torch.Tensor, lora: str | None):
+        """The adapter's low-rank term (x A^T) B^T * scale, or 0 without that adapter."""
+        if lora is None or lora not in self.lora:
+            return 0
+        a, b, scale = self.lora[lora]
+        return (x @ a.t()) @ b.t() * scale
+
+
+def fuse(parts: list[Linear]) -> Linear | None:
+    """One 4-bit Linear computing several that share their input (q|k|v, gate|up): one launch,
+    one pass over the input. The parts keep views of the fused tensors (no second copy) and
+    their adapters. None when the parts cannot share a kernel (dense, different act-order
+    permutations or group sizes, biases)."""
+    first = parts[0]
+    if not all(p.quantized and p.bias is None for p in parts):
+        return None
+    if any(p.scales.shape[0] != first.scales.shape[0] for p in parts):
+        return None
+    if any((p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm))
+           for p in parts):
+        return None
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), first.ops)
+    fused.set_q4(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
+                 torch.cat([p.offsets for p in parts], 1), first.perm)
+    col = 0
+    for p in parts:
+        n = p.out_features
+        p.set_q4(fused.qweight[:, col:col + n], fused.scales[:, col:col + n], fused.offsets[:, col:col + n],
+                 fused.perm)
+        col += n
+    return fused

@@ -14,7 +14,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, ops)
         self.up_proj = Linear(hidden, intermediate, ops)
         self.down_proj = Linear(intermediate, hidden, ops)
+        self.gate_up: Linear | None = None  # fused gate|up on GPUs (model.finalize)
 
     def forward(self, x, lora=None, residual=None):
-        h = self.ops.silu_mul(self.gate_proj(x, lora), self.up_proj(x, lora))
-        return self.down_proj(h, lora, residual)
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            if lora is not None:
+                gate = gate + self.gate_proj.lora_delta(x, lora)
+                up = up + self.up_proj.lora_delta(x, lora)
+        return self.down_proj(self.ops.silu_mul(gate, up), lora, residual)

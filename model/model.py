@@ -11,7 +11,7 @@ from torch import nn
 from .attention import Attention
 from .cache import KVCache, StaticPos
 from .config import ModelConfig, RuntimeConfig
-from .linear import Linear
+from .linear import Linear, fuse
 from .mlp import MLP
 from .norm import RMSNorm
 from .ops import Ops
@@ -50,7 +50,7 @@ class LlamaModel(nn.Module):
     def finalize(self):
         """Move every weight to the runtime device/dtype once loading is complete."""
         dev, dt, wdt = self.device, self.dtype, self.runtime.torch_weight_dtype()
-        dequant = dev.type == "cpu"
+        dequant = dev.type == "cpu" and not self.runtime.keep_q4
         if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
             self.lm_head.set_dense(self.embed_tokens)
         self.embed_tokens = self.embed_tokens.to(dev, dt)
@@ -62,6 +62,11 @@ class LlamaModel(nn.Module):
         if self.cfg.tie_word_embeddings and self.lm_head.weight is not None \
                 and self.lm_head.weight.dtype == dt and self.lm_head.weight.shape == self.embed_tokens.shape:
             self.lm_head.weight = self.embed_tokens   # one copy of the tied table
+        if not dequant:
+            for layer in self.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
+                m.gate_up = fuse([m.gate_proj, m.up_proj])
         self.rotary = Rotary(self.cfg, self.runtime, dev)
         return self
 

@@ -145,3 +145,15 @@ def test_static_decode_step_equals_dynamic(tmp_path):
     outs = [dec(ids[:, i:i + 1]) for i in range(6, 20)]
     assert cache.length == 20
     assert rel(torch.cat(outs, 1), ref[:, 6:]) < 1e-5
+
+
+def test_fused_projections_equal_separate(tmp_path):
+    """q|k|v and gate|up fused into one 4-bit layer (the GPU layout) give the same output."""
+    hf = hf_tiny(seed=8, hidden_size=128, intermediate_size=256)
+    folder = gptq_checkpoint(hf, tmp_path / "q", 32, False, False)
+    fused = load_ours(folder, keep_q4=True)
+    assert fused.layers[0].self_attn.qkv is not None and fused.layers[0].mlp.gate_up is not None
+    separate = load_ours(folder)
+    assert separate.layers[0].self_attn.qkv is None
+    ids = torch.randint(0, 96, (1, 12))
+    assert rel(fused(ids, last_only=False), separate(ids, last_only=False)) < 1e-5
