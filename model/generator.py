@@ -536,11 +536,11 @@ class Generator:
             """Does the reply committed + seq hit a stop string / the newline break?"""
             if not check_text:
                 return None
-            st = TextStream(self.tokenizer, settings.stop_strings, settings.break_on_newline)
-            for t in committed + seq:
-                st.push(t)
-                if st.finish_reason:
-                    return st.finish_reason
+            text = self.tokenizer.decode(committed + seq).rstrip("\ufffd")  # an unfinished character: not yet
+            if any(s in text for s in settings.stop_strings):
+                return "stop"
+            if settings.break_on_newline and "\n" in text.lstrip():
+                return "newline"
             return None
 
         def delta(text, toks, reason=None):
@@ -613,13 +613,16 @@ class Generator:
                     else:
                         scores[i] -= lps[i][0]
                     seqs[i], lps[i] = seqs[i][1:], lps[i][1:]
-                finished = [(f[0], f[1][1:], f[2][1:], f[3]) for f in finished if f[1][0] == t0]
+                finished = [(f[0], f[1][1:], f[2][1:], f[3]) for f in finished if f[1] and f[1][0] == t0]
                 text = out.push(t0)
+                if out.finish_reason:  # not expected: live beams never hold a stop string
+                    yield delta(text, [t0], out.finish_reason)
+                    return
                 yield delta(text, [t0])
                 self._check_epoch(epoch)
             with torch.inference_mode():
-                logits = self.model(torch.tensor([[s[-1]] for s in seqs], dtype=torch.long), cache,
-                                    last_only=True, lora=lora)[:, -1]
+                last = [[q[-1] if q else committed[-1]] for q in seqs]
+                logits = self.model(torch.tensor(last, dtype=torch.long), cache, last_only=True, lora=lora)[:, -1]
         # pick the winner: best finished, else the best live beam
         best_seq, best_reason = seqs[0], reason
         if finished:

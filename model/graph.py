@@ -15,33 +15,46 @@ from .cache import KVCache
 
 
 class GraphDecoder:
+    """Decode steps replayed from CUDA graphs: one graph per (device segment, key bucket, adapter).
+
+    With layers split over several GPUs each device's segment is its own graph and the hidden
+    state hops between them through static buffers.
+    """
+
     def __init__(self, model, cache: KVCache, bucket: int = 256, use_graphs: bool | None = None):
         self.model, self.cache, self.bucket = model, cache, bucket
-        dev = model.device
-        self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
-        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pad = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
+        self.use_graphs = (model.device.type == "cuda") if use_graphs is None else use_graphs
+        B = cache.batch_size
+        self.segs = model.segments()
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=model.device)
+        self.pos = [torch.zeros(1, dtype=torch.long, device=d) for d, _, _ in self.segs]
+        self.pad = [torch.zeros(B, dtype=torch.long, device=d) for d, _, _ in self.segs]
+        self.h_in = [None] + [torch.zeros(B, 1, model.cfg.hidden_size, dtype=model.dtype, device=d)
+                              for d, _, _ in self.segs[1:]]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _kv_len(self, pos: int) -> int:
         return min(self.cache.max_seq_len, (pos // self.bucket + 1) * self.bucket)
 
-    def _step(self, kv_len, lora, pad):
-        return self.model.decode_static(self.ids, self.cache, self.pos, kv_len, pad=pad, lora=lora)
+    def _step(self, seg, kv_len, lora, padded):
+        x = self.ids if seg == 0 else self.h_in[seg]
+        return self.model.decode_segment(seg, x, self.cache, self.pos[seg], kv_len,
+                                         self.pad[seg] if padded else None, lora)
 
-    def _graph(self, kv_len, lora, pad):
-        key = (kv_len, lora, pad is not None)
+    def _graph(self, seg, kv_len, lora, padded):
+        key = (seg, kv_len, lora, padded)
         if key not in self.graphs:
-            stream = torch.cuda.Stream(device=self.model.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the graph: lazy init, kernel builds
-                    self._step(kv_len, lora, pad)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = self._step(kv_len, lora, pad)
+            dev = self.segs[seg][0]
+            with torch.cuda.device(dev):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up outside the graph: lazy init, kernel builds
+                        self._step(seg, kv_len, lora, padded)
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = self._step(seg, kv_len, lora, padded)
             self.graphs[key] = (g, out)
         return self.graphs[key]
 
@@ -51,17 +64,19 @@ class GraphDecoder:
         pos = self.cache.length
         if pos >= self.cache.max_seq_len:
             raise ValueError(f"the cache is full ({self.cache.max_seq_len} tokens)")
-        self.ids.copy_(input_ids)
-        self.pos.fill_(pos)
-        if pad is not None:   # graphs read the static buffer, never the caller's tensor
-            self.pad.copy_(pad)
-            pad = self.pad
         kv_len = self._kv_len(pos)
-        if self.use_graphs:
-            graph, out = self._graph(kv_len, lora, pad)
-            graph.replay()
-            logits = out.clone()
-        else:
-            logits = self._step(kv_len, lora, pad)
+        self.ids.copy_(input_ids)
+        out = None
+        for seg in range(len(self.segs)):
+            self.pos[seg].fill_(pos)
+            if pad is not None:   # graphs read the static buffers, never the caller's tensors
+                self.pad[seg].copy_(pad)
+            if seg:
+                self.h_in[seg].copy_(out)
+            if self.use_graphs:
+                graph, out = self._graph(seg, kv_len, lora, pad is not None)
+                graph.replay()
+            else:
+                out = self._step(seg, kv_len, lora, pad is not None)
         self.cache.length = pos + 1
-        return logits
+        return out.clone()

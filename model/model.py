@@ -1,9 +1,12 @@
 """Llama model assembly: embeddings, decoder layers, final norm, LM head.
 
 Module names follow the HF checkpoint keys (model.layers.N.self_attn.q_proj, ...), so loading
-needs no mapping table beyond stripping the `model.` prefix.
+needs no mapping table beyond stripping the `model.` prefix. Layers may sit on several GPUs
+(model/split.py plans where); hidden states hop devices between segments of layers.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -37,47 +40,92 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime
         self.ops = Ops(use_kernels=not runtime.force_reference)
-        self.device = runtime.torch_device()
+        self.device = runtime.torch_device()          # embeddings and the first layers
         self.dtype = runtime.torch_dtype()
         self.embed_tokens: torch.Tensor | None = None   # [V, D], dense
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.ops) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, self.ops)
-        self.rotary: Rotary | None = None
+        self.layer_devices = [self.device] * cfg.num_hidden_layers
+        self.rotary: dict[torch.device, Rotary] = {}
         self.lora_adapters: dict = {}
+
+    @property
+    def head_device(self) -> torch.device:
+        return self.layer_devices[-1]
 
     # -- set-up ---------------------------------------------------------------------------
     def finalize(self):
-        """Move every weight to the runtime device/dtype once loading is complete."""
-        dev, dt, wdt = self.device, self.dtype, self.runtime.torch_weight_dtype()
-        dequant = dev.type == "cpu" and not self.runtime.keep_q4
+        """Move every weight to its device/dtype once loading is complete."""
+        dt, wdt = self.dtype, self.runtime.torch_weight_dtype()
+        dequant = self.device.type == "cpu" and not self.runtime.keep_q4
+        self.layer_devices = self._plan_devices()
         if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
             self.lm_head.set_dense(self.embed_tokens)
-        self.embed_tokens = self.embed_tokens.to(dev, dt)
-        for mod in self.modules():
-            if isinstance(mod, Linear):
-                mod.to_device(dev, dt, wdt, dequant)
-            elif isinstance(mod, RMSNorm):
-                mod.weight = mod.weight.to(dev, torch.float32)
-        if self.cfg.tie_word_embeddings and self.lm_head.weight is not None \
-                and self.lm_head.weight.dtype == dt and self.lm_head.weight.shape == self.embed_tokens.shape:
-            self.lm_head.weight = self.embed_tokens   # one copy of the tied table
+        self.embed_tokens = self.embed_tokens.to(self.device, dt)
+        for layer, dev in zip(self.layers, self.layer_devices):
+            self._place(layer, dev, dt, wdt, dequant)
+        self._place(self.norm, self.head_device, dt, wdt, dequant)
+        self._place(self.lm_head, self.head_device, dt, wdt, dequant)
+        lm = self.lm_head.weight
+        if lm is not None and lm.dtype == dt and lm.device == self.embed_tokens.device \
+                and lm.shape == self.embed_tokens.shape and torch.equal(lm, self.embed_tokens):
+            self.lm_head.weight = self.embed_tokens   # one copy of a tied table
         if not dequant:
             for layer in self.layers:
                 a, m = layer.self_attn, layer.mlp
                 a.qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
                 m.gate_up = fuse([m.gate_proj, m.up_proj])
-        self.rotary = Rotary(self.cfg, self.runtime, dev)
+        for dev in set(self.layer_devices) | {self.device}:
+            self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
         return self
 
+    @staticmethod
+    def _place(module, dev, dt, wdt, dequant):
+        for mod in module.modules():
+            if isinstance(mod, Linear):
+                mod.to_device(dev, dt, wdt, dequant)
+            elif isinstance(mod, RMSNorm):
+                mod.weight = mod.weight.to(dev, torch.float32)
+
+    def _plan_devices(self) -> list[torch.device]:
+        split = self.runtime.gpu_split
+        n = self.cfg.num_hidden_layers
+        if not split or self.device.type != "cuda":
+            return [self.device] * n
+        from . import split as sp
+        costs = sp.costs_for(self.cfg, self.runtime.max_seq_len)
+        if split == "auto":
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            plan = sp.plan_auto(n, costs, free, embed_on_cpu=False)
+        else:
+            if len(split) > torch.cuda.device_count():
+                raise sp.SplitError(f"gpu split {split} names {len(split)} devices, "
+                                    f"but {torch.cuda.device_count()} are visible")
+            plan = sp.plan_manual(n, costs, split)
+        for line in sp.describe(plan, costs, max(plan) + 1, embed_on_cpu=False):
+            print(line, file=sys.stderr)
+        return [torch.device("cuda", d) for d in plan]
+
+    def segments(self) -> list[tuple[torch.device, int, int]]:
+        """Runs of consecutive layers on one device: [(device, first, end)]."""
+        segs = []
+        for i, dev in enumerate(self.layer_devices):
+            if segs and segs[-1][0] == dev:
+                segs[-1] = (dev, segs[-1][1], i + 1)
+            else:
+                segs.append((dev, i, i + 1))
+        return segs
+
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, max_seq_len or self.runtime.max_seq_len, batch_size, self.device, self.dtype)
+        return KVCache(self.cfg, max_seq_len or self.runtime.max_seq_len, batch_size, self.device, self.dtype,
+                       layer_devices=self.layer_devices)
 
     # -- forward --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = True,
                 lora: str | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> fp32 logits [B, 1 or T, V].
+        """input_ids [B, T] -> fp32 logits [B, 1 or T, V] (on the last layer's device).
 
         With a cache the tokens go at cache.length and the length advances. `pad` [B] counts
         left-padding tokens per row (batched prompts of different lengths): padded keys are
@@ -87,54 +135,70 @@ class LlamaModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > (cache.max_seq_len if cache else self.runtime.max_seq_len):
             raise ValueError(f"{start + T} tokens exceed the maximum sequence length")
-        input_ids = input_ids.to(self.device)
-        pos = torch.arange(start, start + T, device=self.device).unsqueeze(0).expand(B, T)
+        pos = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
         if pad is not None:
-            pad = pad.to(self.device)
+            pad = pad.cpu()
             pos = (pos - pad.unsqueeze(1)).clamp(min=0)
         mask = self._mask(B, T, start, pad)
-        h = self._layers(input_ids, pos, cache, start, mask, lora)
+        h = self.embed_tokens[input_ids.to(self.device)]
+        for dev, first, end in self.segments():
+            h = h.to(dev)
+            p = pos.to(dev)
+            m = mask.to(dev) if mask is not None else None
+            for layer in self.layers[first:end]:
+                h = layer(h, self.rotary[dev], p, cache, start, m, lora)
         if cache is not None:
             cache.length = start + T
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h), lora).float()
 
-    def _layers(self, input_ids, pos, cache, start, mask, lora):
-        h = self.embed_tokens[input_ids]
-        for layer in self.layers:
-            h = layer(h, self.rotary, pos, cache, start, mask, lora)
-        return h
-
-    @torch.inference_mode()
-    def decode_static(self, input_ids: torch.Tensor, cache: KVCache, pos: torch.Tensor, kv_len: int,
-                      pad: torch.Tensor | None = None, lora: str | None = None) -> torch.Tensor:
-        """One decode step whose shapes and host values do not depend on the position.
-
-        input_ids [B, 1]; pos [1] int64 on the device (the cache slot to write); keys up to
-        kv_len (> pos) are read and those past pos masked. The caller advances cache.length.
-        This is the step a CUDA graph captures (model/graph.py).
-        """
-        B = input_ids.shape[0]
-        rope_pos = pos.view(1, 1).expand(B, 1)
-        if pad is not None:
-            rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
-        k = torch.arange(kv_len, device=self.device).view(1, 1, 1, kv_len)
-        mask = k <= pos.view(1, 1, 1, 1)
-        if pad is not None:
-            mask = mask & (k >= pad.view(B, 1, 1, 1))
-        mask = mask.expand(B, 1, 1, kv_len)
-        h = self._layers(input_ids, rope_pos, cache, StaticPos(pos, kv_len), mask, lora)
-        return self.lm_head(self.norm(h), lora).float()
-
     def _mask(self, B, T, start, pad):
         """Boolean attention mask, or None where SDPA's own causal flag (or no mask) is right."""
         if pad is None and (start == 0 or T == 1):
             return None
-        q = torch.arange(start, start + T, device=self.device).view(1, T, 1)
-        k = torch.arange(start + T, device=self.device).view(1, 1, -1)
+        q = torch.arange(start, start + T).view(1, T, 1)
+        k = torch.arange(start + T).view(1, 1, -1)
         m = k <= q
         if pad is not None:
             # A padded query still sees itself, so its softmax has no empty row (no NaN).
             m = m & ((k >= pad.view(B, 1, 1)) | (k == q))
         return m.unsqueeze(1).expand(B, 1, T, start + T)
+
+    # -- static decode (what CUDA graphs capture, one graph per device segment) -------------
+    @torch.inference_mode()
+    def decode_segment(self, seg: int, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, kv_len: int,
+                       pad: torch.Tensor | None = None, lora: str | None = None) -> torch.Tensor:
+        """One decode step over one device segment, with no host value deciding a shape or offset.
+
+        x: token ids [B, 1] for the first segment, else the hidden state [B, 1, D] on the
+        segment's device; pos: [1] int64 on that device (the cache slot to write); keys up to
+        kv_len (> pos) are read and those past pos masked. The last segment returns logits
+        [B, 1, V]; the others the hidden state. The caller advances cache.length.
+        """
+        segs = self.segments()
+        dev, first, end = segs[seg]
+        B = x.shape[0]
+        h = self.embed_tokens[x] if seg == 0 else x
+        rope_pos = pos.view(1, 1).expand(B, 1)
+        if pad is not None:
+            rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
+        k = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
+        mask = k <= pos.view(1, 1, 1, 1)
+        if pad is not None:
+            mask = mask & (k >= pad.view(B, 1, 1, 1))
+        mask = mask.expand(B, 1, 1, kv_len)
+        static = StaticPos(pos, kv_len)
+        for layer in self.layers[first:end]:
+            h = layer(h, self.rotary[dev], rope_pos, cache, static, mask, lora)
+        if seg == len(segs) - 1:
+            return self.lm_head(self.norm(h), lora).float()
+        return h
+
+    def decode_static(self, input_ids, cache, pos, kv_len, pad=None, lora=None):
+        """decode_segment over all segments (single device: one call)."""
+        x = input_ids
+        for seg, (dev, _, _) in enumerate(self.segments()):
+            x = self.decode_segment(seg, x.to(dev), cache, pos.to(dev), kv_len,
+                                    pad.to(dev) if pad is not None else None, lora)
+        return x

@@ -157,3 +157,22 @@ def test_fused_projections_equal_separate(tmp_path):
     assert separate.layers[0].self_attn.qkv is None
     ids = torch.randint(0, 96, (1, 12))
     assert rel(fused(ids, last_only=False), separate(ids, last_only=False)) < 1e-5
+
+
+def test_layers_split_over_devices_give_the_same_output(tmp_path):
+    """Hidden states hop between device segments (here two 'devices' that are both the CPU)."""
+    from model.graph import GraphDecoder
+    from model.rope import Rotary
+    ours = load_ours(save_hf(hf_tiny(seed=9), tmp_path / "m"), max_seq_len=64)
+    ids = torch.randint(0, 96, (1, 16))
+    ref = ours(ids, last_only=False)
+    other = torch.device("cpu", 0)              # compares unequal to "cpu": a second segment
+    ours.layer_devices = [ours.device, other, other]
+    ours.rotary[other] = Rotary(ours.cfg, ours.runtime, other)
+    assert len(ours.segments()) == 2
+    assert rel(ours(ids, last_only=False), ref) < 1e-6
+    cache = ours.new_cache()
+    ours(ids[:, :5], cache)
+    dec = GraphDecoder(ours, cache, bucket=8, use_graphs=False)
+    outs = [dec(ids[:, i:i + 1]) for i in range(5, 16)]
+    assert rel(torch.cat(outs, 1), ref[:, 5:]) < 1e-5
