@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, ModelError
-from .quant import pack_int4
 
 _NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -82,7 +81,9 @@ def _q4_from_blocks(raw: np.ndarray, n_rows: int, with_min: bool):
         offs = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].copy())
     else:
         offs = (torch.from_numpy(d.copy()).float() * -8).half()
-    qweight = pack_int4(torch.from_numpy(q.T.astype(np.int32)))
+    # Pack along K while K is the fast axis: two nibbles a byte, four bytes a little-endian word.
+    words = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).view("<i4")    # [N, K/8]
+    qweight = torch.from_numpy(words.T.copy())
     return qweight, torch.from_numpy(d.T.copy()).contiguous(), offs.t().contiguous()
 
 
@@ -108,7 +109,7 @@ def load_gguf_model(model, reader, path, progress=None):
         if tuple(int(x) for x in t.shape) != (K, N):
             raise ModelError(f"{path}: tensor '{t.name}' has shape {list(t.shape)}, expected {[K, N]}")
         if t.tensor_type in (Q.Q4_0, Q.Q4_1):
-            raw = np.asarray(t.data).reshape(N, -1)
+            raw = np.array(t.data).reshape(N, -1)   # a plain array: memmap slicing is slow
             if n_head:
                 raw = _unpermute_rows(raw, n_head)
             lin.set_q4(*_q4_from_blocks(raw, N, t.tensor_type == Q.Q4_1))

@@ -343,11 +343,12 @@ class _Progress:
         eta = el / done * (self.total - done) if done else 0
         w = 30
         bar = "#" * int(w * done / self.total) + "-" * (w - int(w * done / self.total))
-        print(f"\r[{bar}] {done}/{self.total} layers {what:<10} {el:6.1f} s elapsed, ~{eta:5.0f} s left",
-              end="\n" if done == self.total else "", file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()
+        print(f"\r[{bar}] {done}/{self.total} layers {what}{el:6.1f} s elapsed, ~{eta:5.0f} s left",
+              end="\n" if done == self.total or not tty else "", file=sys.stderr, flush=True)
 
     def clear(self):
-        if self.enabled and sys.stderr.isatty():
+        if self.enabled and sys.stderr.isatty():  # the log line takes the bar's place; the bar comes back
             print("\r" + " " * 90 + "\r", end="", file=sys.stderr, flush=True)
 
 
@@ -356,7 +357,7 @@ def default_device() -> torch.device:
 
 
 def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Tensor | None,
-                        device=None, batch_size: int = 4, progress: bool = True, log=print,
+                        device=None, batch_size: int = 4, progress: bool = True, log=None,
                         max_shard_bytes: int = 2 * 2**30) -> dict:
     """Quantize the HF Llama checkpoint in `src` into a GPTQ checkpoint in `dst`, layer by layer.
 
@@ -367,6 +368,7 @@ def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Te
     from .weights import SafetensorsDir
 
     t0 = time.time()
+    log = log or (lambda msg: print(msg, flush=True))
     s = settings
     s.check()
     src, dst = Path(src), Path(dst)

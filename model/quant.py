@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import torch
 
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack q [K, N] (values 0..15) into int32 [K // 8, N]; nibble j of row i is q[8i + j]."""
     K, N = q.shape
     if K % 8:
         raise ValueError(f"pack_int4: K={K} is not a multiple of 8")
-    q = q.to(torch.int32).reshape(K // 8, 8, N)
-    packed = torch.zeros(K // 8, N, dtype=torch.int32, device=q.device)
-    for j in range(8):
-        packed |= (q[:, j, :] & 0xF) << (4 * j)  # bit 31 set is fine: it is just a nibble
-    return packed
+    # Work along K in memory: two nibbles a byte, then four little-endian bytes a word.
+    b = q.t().to(torch.uint8).reshape(N, K // 8, 4, 2)
+    words = (b[..., 0] & 0xF) | ((b[..., 1] & 0xF) << 4)          # [N, K/8, 4] uint8
+    return words.contiguous().view(torch.int32).reshape(N, K // 8).t().contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: int32 [K // 8, N] -> uint8 [K, N]."""
     K8, N = packed.shape
-    shifts = _SHIFTS.to(packed.device).view(1, 8, 1)
-    q = (packed.unsqueeze(1) >> shifts) & 0xF
-    return q.reshape(K8 * 8, N).to(torch.uint8)
+    b = packed.t().contiguous().view(torch.uint8).reshape(N, K8 * 4)
+    q = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(N, K8 * 8)
+    return q.t().contiguous()
 
 
 def pack_cols_int4(z: torch.Tensor) -> torch.Tensor:
@@ -51,11 +47,10 @@ def group_size_of(qweight: torch.Tensor, scales: torch.Tensor) -> int:
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization to W^T of shape [K, N] (inputs along rows)."""
-    q = unpack_int4(qweight).to(dtype)
-    gs = group_size_of(qweight, scales)
-    s = scales.to(dtype).repeat_interleave(gs, dim=0)
-    o = offsets.to(dtype).repeat_interleave(gs, dim=0)
-    return q * s + o
+    q = unpack_int4(qweight)
+    G, N = scales.shape
+    w = q.view(G, -1, N).to(dtype) * scales.to(dtype).view(G, 1, N) + offsets.to(dtype).view(G, 1, N)
+    return w.view(-1, N)
 
 
 def q4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
