@@ -109,14 +109,16 @@ def test_q4_gemm_small_configs(tn, splits, M):
 @pytest.mark.parametrize("M", [1, 4])
 def test_q4_gemm_small_variants(M):
     K, N = 4096, 1536
-    qw, sc, of, _ = make_q4(K, N, 128)
+    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
     x = torch.randn(M, K, device=DEV).half()
-    ref = ref_q4(x, qw, sc, of)
+    ref = ref_q4(x, qw, sc, of, perm)
+    torch.cuda.synchronize()  # forced PDL reads the weights before waiting on the previous kernel
     for v in range(build.load().q4_gemm_num_variants(M)):
         for splits in (1, 4):
-            out = poison((M, N))
-            ops.q4_gemm_small(x, qw, sc, of, out=out, variant=v, splits=splits)
-            assert rel_err(out, ref) < Q4_TOL, f"variant {v} splits {splits}"
+            for pdl in (0, 1, 2):
+                out = poison((M, N))
+                ops.q4_gemm_small(x, qw, sc, of, perm, out=out, variant=v, splits=splits, pdl=pdl)
+                assert rel_err(out, ref) < Q4_TOL, f"variant {v} splits {splits} pdl {pdl}"
 
 
 def test_q4_gemm_small_bias_residual_and_inplace():
@@ -166,14 +168,36 @@ def test_q4_gemm_small_cuda_graph():
         assert rel_err(out, ref_q4(x, qw, sc, of)) < Q4_TOL
 
 
+_BAD_ARGS = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from cuda_ext import ops
+from model.quant import pack_int4
+K, N = 576, 192
+qw = pack_int4(torch.randint(0, 16, (K, N), device="cuda"))
+sc = torch.rand(K // 32, N, device="cuda").half()
+of = torch.rand(K // 32, N, device="cuda").half()
+for bad, want in ((torch.randn(9, K), "rows"), (torch.randn(1, K).float(), "Half"), (torch.randn(1, 512), "size")):
+    x = bad.cuda() if bad.dtype == torch.float32 and want == "Half" else bad.half().cuda()
+    try:
+        ops.q4_gemm_small(x, qw, sc, of)
+        print("NO-ERROR", want)
+    except RuntimeError as e:
+        print("OK" if want in str(e) else "WRONG-MESSAGE", want, str(e).splitlines()[0][:200])
+"""
+
+
 def test_q4_gemm_small_rejects_bad_args():
-    qw, sc, of, _ = make_q4(576, 192, 32)
-    with pytest.raises(RuntimeError, match="rows"):
-        ops.q4_gemm_small(torch.randn(9, 576, device=DEV).half(), qw, sc, of)
-    with pytest.raises(RuntimeError, match="Half|float16"):
-        ops.q4_gemm_small(torch.randn(1, 576, device=DEV), qw, sc, of)
-    with pytest.raises(RuntimeError, match="size"):
-        ops.q4_gemm_small(torch.randn(1, 512, device=DEV).half(), qw, sc, of)
+    """Bad arguments raise RuntimeError with a clear message (in a child: a crash must not take pytest down)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", _BAD_ARGS.format(root=root)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"child exited with {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    lines = [ln for ln in r.stdout.splitlines() if ln.split(" ")[0] in ("OK", "NO-ERROR", "WRONG-MESSAGE")]
+    assert len(lines) == 3 and all(ln.startswith("OK") for ln in lines), r.stdout
 
 
 # ---- q4_dequant and q4_matmul dispatch ----------------------------------------------------
@@ -308,6 +332,42 @@ def test_rotary_strided_qkv_view_leaves_v_alone():
     ops.rotary_(k, cos, sin, pos)
     assert rel_err(q, ref_q) < ELEM_TOL and rel_err(k, ref_k) < ELEM_TOL
     assert torch.equal(qkv[..., (H + Hkv) * Dh:], before[..., (H + Hkv) * Dh:])
+
+
+@pytest.mark.parametrize("pdl", [-1, 2])
+def test_decode_chain_cuda_graph_matches_eager(pdl):
+    """rms_norm -> q4 (gate|up) -> silu_mul -> q4 (down, += residual) captured with PDL == eager."""
+    D, F = 1536, 4096
+    w_norm = (torch.rand(D, device=DEV) + 0.5).half()
+    gu = make_q4(D, 2 * F, 64)[:3]
+    dn = make_q4(F, D, 128, act_order=True)
+    h = torch.randn(1, D, device=DEV).half()
+    res = torch.randn(1, D, device=DEV).half()
+    xn = torch.empty(1, D, device=DEV).half()
+    y = torch.empty(1, 2 * F, device=DEV).half()
+    a = torch.empty(1, F, device=DEV).half()
+
+    def step(pdl=-1):
+        ops.rms_norm(h, w_norm, 1e-5, out=xn)
+        ops.q4_gemm_small(xn, *gu, out=y, pdl=pdl)
+        ops.silu_mul(y[:, :F], y[:, F:], out=a)
+        ops.q4_gemm_small(a, *dn, residual=res, out=res, pdl=pdl)
+
+    res0 = res.clone()
+    step(0)
+    eager = res.clone()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        step(pdl)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        res.copy_(res0)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(res, eager)
 
 
 def test_rotary_cuda_graph_moving_position():

@@ -128,23 +128,43 @@ def bench_q4(sets, K, N, gs, M=1, **cfg):
 
 
 def sweep(sets, K, N, gs, ext):
-    """Best (us, gbps, cfg) over tile widths, split counts and variants at M=1."""
+    """(tn, splits, variant) at M=1 with the default PDL mode of graphs; sorted by time."""
     seen, results = set(), []
-    for tn in (32, 64, 128):
-        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
-            plan = tuple(ext.q4_gemm_plan(1, K, N, K // gs, 0, tn, splits, 0))
-            if plan[:2] in seen:
-                continue
-            seen.add(plan[:2])
-            us, gbps, _ = bench_q4(sets, K, N, gs, tn=tn, splits=splits, variant=0)
-            results.append((us, gbps, dict(tn=plan[0], splits=plan[1], variant=0)))
-    results.sort(key=lambda r: r[0])
-    best = results[0]
-    for v in range(1, ext.q4_gemm_num_variants(1)):
-        us, gbps, _ = bench_q4(sets, K, N, gs, tn=best[2]["tn"], splits=best[2]["splits"], variant=v)
-        results.append((us, gbps, dict(best[2], variant=v)))
+    for v in range(ext.q4_gemm_num_variants(1)):
+        for tn in (32, 64, 128):
+            for splits in (1, 2, 4, 8, 12, 16):
+                plan = tuple(ext.q4_gemm_plan(1, K, N, K // gs, 0, tn, splits, v))
+                key = (plan[0], plan[1], v)
+                if plan[1] == 0 or key in seen:
+                    continue
+                seen.add(key)
+                us, gbps, _ = bench_q4(sets, K, N, gs, tn=plan[0], splits=plan[1], variant=v)
+                results.append((us, gbps, dict(tn=plan[0], splits=plan[1], variant=v)))
     results.sort(key=lambda r: r[0])
     return results
+
+
+LAYER_7B = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]   # qkv, o, gate|up, down
+LAYER_135M = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+
+
+def bench_layer_chain(shapes, gs, n_layers, M=1):
+    """A decoder layer's four q4 GEMVs back to back, several layers rotated; per PDL mode."""
+    layers = [[q4_layer(K, N, gs) for K, N in shapes] for _ in range(n_layers)]
+    xs = {K: torch.randn(M, K, device=DEV).half() for K, _ in shapes}
+    outs = {N: torch.empty(M, N, device=DEV).half() for _, N in shapes}
+    per = sum(q4_bytes(K, N, gs, M) for K, N in shapes)
+    reps = max(1, math.ceil(MIN_CALLS / (4 * n_layers)))
+    res = {}
+    for pdl in (-1, 0, 2):
+        calls = []
+        for layer in layers:
+            for (K, N), w in zip(shapes, layer):
+                calls.append(lambda K=K, N=N, w=w, pdl=pdl: ops.q4_gemm_small(xs[K], *w, out=outs[N], pdl=pdl))
+        us, _ = time_calls(calls * reps)
+        res[{-1: "pdl1", 0: "nopdl", 2: "pdl2"}[pdl]] = dict(us_per_layer=us * 4, gbps=per / (us * 4e-6) / 1e9)
+    del layers
+    return res
 
 
 def bench_dense_gemv(K, N):
@@ -198,12 +218,15 @@ def main():
         us, gbps, spread = bench_q4(sets, K, N, gs)
         line = dict(name=name, K=K, N=N, gs=gs, us=us, gbps=gbps, spread_us=spread, pct=100 * gbps / bw,
                     plan=dict(tn=plan[0], splits=plan[1], variant=plan[4]))
-        if args.sweep:
+        line["nopdl_us"] = bench_q4(sets, K, N, gs, pdl=0)[0]
+        line["pdl2_us"] = bench_q4(sets, K, N, gs, pdl=2)[0]
+        if args.sweep and (K * N >= 4096 * 4096):
             res = sweep(sets, K, N, gs, ext)
             line["best"] = dict(us=res[0][0], gbps=res[0][1], pct=100 * res[0][1] / bw, **res[0][2])
             report["sweep"][name] = [dict(us=r[0], gbps=r[1], **r[2]) for r in res]
             print(f"  sweep {name}: " + ", ".join(
-                f"{r[2]['tn']}/{r[2]['splits']}/{r[2]['variant']}={r[0]:.1f}" for r in res[:8]), flush=True)
+                f"{r[2]['tn']}/{r[2]['splits']}/{ext.q4_gemm_variant_name(1, r[2]['variant'])}={r[0]:.1f}"
+                for r in res[:10]), flush=True)
         rows.append(line)
         print(f"{name}: {us:.2f} us, {gbps:.0f} GB/s ({100 * gbps / bw:.0f}% of copy), plan tn={plan[0]} "
               f"splits={plan[1]} (spread {spread:.2f} us)", flush=True)
@@ -215,10 +238,15 @@ def main():
     mrows = []
     sets = make_sets(4096, 4096, 128)
     for M in (1, 2, 4, 8):
-        us, gbps, _ = bench_q4(sets, 4096, 4096, 128, M=M)
-        mrows.append(dict(M=M, us=us, gbps=gbps))
+        for v in range(ext.q4_gemm_num_variants(M)):
+            us, gbps, _ = bench_q4(sets, 4096, 4096, 128, M=M, variant=v)
+            mrows.append(dict(M=M, variant=ext.q4_gemm_variant_name(M, v), us=us, gbps=gbps))
     del sets
     report["rows"] = mrows
+
+    chain = {"7B": bench_layer_chain(LAYER_7B, 128, 4), "135M": bench_layer_chain(LAYER_135M, 64, 64)}
+    report["chain"] = chain
+    print(f"layer chains: {chain}", flush=True)
 
     dense = []
     for name, K, N, _ in (LLAMA7B[0], LLAMA7B[4]):
@@ -239,18 +267,24 @@ def main():
 
     print()
     print(f"== {prop.name}: D2D copy {bw:.0f} GB/s ==")
-    hdr = f"{'q4_gemm_small M=1 (g128 7B, g64 135M)':<34} {'us':>7} {'GB/s':>6} {'%copy':>6}  plan"
+    vname = lambda v: ext.q4_gemm_variant_name(1, v)  # noqa: E731
+    hdr = (f"{'q4_gemm_small M=1 (g128 7B, g64 135M)':<34} {'us':>7} {'GB/s':>6} {'%copy':>6} {'noPDL':>6} "
+           f"{'PDL2':>6}  plan")
     if args.sweep:
         hdr += f"   {'best us':>7} {'%copy':>6} best cfg (tn/splits/variant)"
     print(hdr)
     for r in rows:
-        s = (f"{r['name']:<34} {r['us']:7.2f} {r['gbps']:6.0f} {r['pct']:5.0f}%  "
-             f"{r['plan']['tn']}/{r['plan']['splits']}/{r['plan']['variant']}")
+        s = (f"{r['name']:<34} {r['us']:7.2f} {r['gbps']:6.0f} {r['pct']:5.0f}% {r['nopdl_us']:6.2f} "
+             f"{r['pdl2_us']:6.2f}  {r['plan']['tn']}/{r['plan']['splits']}/{vname(r['plan']['variant'])}")
         if "best" in r:
             b = r["best"]
-            s += f"   {b['us']:7.2f} {b['pct']:5.0f}% {b['tn']}/{b['splits']}/{b['variant']}"
+            s += f"   {b['us']:7.2f} {b['pct']:5.0f}% {b['tn']}/{b['splits']}/{vname(b['variant'])}"
         print(s)
-    print("4096x4096 g128 by rows: " + ", ".join(f"M={r['M']} {r['us']:.2f} us ({r['gbps']:.0f} GB/s)" for r in mrows))
+    for model, modes in chain.items():
+        print(f"{model} layer (qkv+o+gate|up+down) M=1: " + ", ".join(
+            f"{k} {c['us_per_layer']:.1f} us ({c['gbps']:.0f} GB/s, {100 * c['gbps'] / bw:.0f}%)" for k, c in modes.items()))
+    print("4096x4096 g128 by rows: " + ", ".join(
+        f"M={r['M']} {r['variant']} {r['us']:.2f} us ({r['gbps']:.0f} GB/s)" for r in mrows))
     print("cuBLAS fp16 GEMV (dense weights): " + ", ".join(f"{d['name']} {d['us']:.2f} us ({d['gbps']:.0f} GB/s)" for d in dense))
     print(f"{'prefill M=2048':<34} {'dequant us':>10} {'cuBLAS us':>9} {'total us':>9} {'cuBLAS TF/s':>11} {'total TF/s':>10}")
     for p in pre:

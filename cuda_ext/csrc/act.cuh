@@ -7,4 +7,4 @@
 
 // Row strides in elements (columns contiguous), so gate and up may be halves of one fused [M, 2F] tensor.
 cudaError_t silu_mul_launch(const half* gate, int64_t g_stride, const half* up, int64_t u_stride,
-                            half* out, int64_t o_stride, int M, int F, cudaStream_t stream);
+                            half* out, int64_t o_stride, int M, int F, bool pdl, cudaStream_t stream);

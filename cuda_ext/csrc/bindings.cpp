@@ -12,12 +12,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           "out[M, N] = x[M, K][:, perm] @ dequant(qweight, scales, offsets) + bias + residual, M <= 8",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"),
           py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("tn") = 0, py::arg("splits") = 0,
-          py::arg("variant") = -1);
+          py::arg("variant") = -1, py::arg("pdl") = -1);
     m.def("q4_gemm_plan", &q4_gemm_plan_info,
           "[tn, splits, rows_per_split, rows_per_trow, variant, tiles, smem_bytes] the kernel would use",
           py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("tn") = 0,
           py::arg("splits") = 0, py::arg("variant") = -1);
-    m.def("q4_gemm_variant_name", &q4_gemm_variant_name_py, py::arg("variant"));
+    m.def("q4_gemm_variant_name", &q4_gemm_variant_name_py, py::arg("M"), py::arg("variant"));
     m.def("q4_gemm_num_variants", &q4_gemm_num_variants_py, py::arg("M"));
     m.def("q4_dequant", &q4_dequant, "out[K, N] (fp16) = dequant(qweight, scales, offsets), row k to perm[k] if given",
           py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"));

@@ -1,17 +1,58 @@
 // Argument checks shared by the torch wrappers (ops_*.cpp). Messages name the argument and what was expected.
+//
+// Messages are built with std::string and std::to_string only, then passed to TORCH_CHECK as one
+// string: multi-argument TORCH_CHECK formats through std::ostringstream inside this library, and
+// with a statically linked libstdc++ (seen with the GPU machine's toolchain) its number formatting
+// crashed the process instead of raising.
 #pragma once
 
 #include <torch/extension.h>
 
-#define EXL_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor (got ", (t).device(), ")")
+#include <string>
+#include <type_traits>
+
+namespace exl {
+
+inline std::string to_str(const char* s) { return s; }
+inline std::string to_str(const std::string& s) { return s; }
+inline std::string to_str(c10::ScalarType t) { return c10::toString(t); }
+inline std::string to_str(const c10::Device& d) { return d.str(); }
+inline std::string to_str(c10::IntArrayRef a)
+{
+    std::string r = "[";
+    for (size_t i = 0; i < a.size(); ++i)
+    {
+        if (i) r += ", ";
+        r += std::to_string(a[i]);
+    }
+    return r + "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline std::string to_str(T v) { return std::to_string(v); }
+
+template <typename... A>
+inline std::string cat(const A&... a)
+{
+    std::string r;
+    ((r += to_str(a)), ...);
+    return r;
+}
+
+}  // namespace exl
+
+// TORCH_CHECK with a message built by exl::cat (only evaluated when the check fails).
+#define EXL_CHECK(cond, ...) TORCH_CHECK((cond), ::exl::cat(__VA_ARGS__))
+
+#define EXL_CHECK_CUDA(t) EXL_CHECK((t).is_cuda(), #t " must be a CUDA tensor (got ", (t).device(), ")")
 #define EXL_CHECK_DTYPE(t, dt) \
-    TORCH_CHECK((t).scalar_type() == (dt), #t " must be ", c10::toString(dt), " (got ", (t).scalar_type(), ")")
-#define EXL_CHECK_CONTIG(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
-#define EXL_CHECK_DIM(t, n) TORCH_CHECK((t).dim() == (n), #t " must have ", n, " dimensions (got shape ", (t).sizes(), ")")
+    EXL_CHECK((t).scalar_type() == (dt), #t " must be ", (dt), " (got ", (t).scalar_type(), ")")
+#define EXL_CHECK_CONTIG(t) EXL_CHECK((t).is_contiguous(), #t " must be contiguous")
+#define EXL_CHECK_DIM(t, n) EXL_CHECK((t).dim() == (n), #t " must have ", n, " dimensions (got shape ", (t).sizes(), ")")
 #define EXL_CHECK_SIZE(t, d, v) \
-    TORCH_CHECK((t).size(d) == (v), #t ".size(", d, ") must be ", v, " (got shape ", (t).sizes(), ")")
+    EXL_CHECK((t).size(d) == (v), #t ".size(", d, ") must be ", v, " (got shape ", (t).sizes(), ")")
 #define EXL_CHECK_SAME_DEVICE(a, b) \
-    TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device (", (a).device(), " vs ", (b).device(), ")")
+    EXL_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device (", (a).device(), " vs ", \
+              (b).device(), ")")
 #define EXL_CHECK_ALIGNED(t, bytes) \
-    TORCH_CHECK((reinterpret_cast<uintptr_t>((t).data_ptr()) % (bytes)) == 0, #t " must be ", bytes, \
-                "-byte aligned (storage offset ", (t).storage_offset(), ")")
+    EXL_CHECK((reinterpret_cast<uintptr_t>((t).data_ptr()) % (bytes)) == 0, #t " must be ", bytes, \
+              "-byte aligned (storage offset ", (t).storage_offset(), ")")

@@ -40,6 +40,8 @@ __global__ void rms_norm_kernel(half* residual, int64_t r_stride, const half* x,
                                 const WT* __restrict__ w, half* out, int64_t out_stride, int D, float eps)
 {
     __shared__ float scratch[32];
+    pdl_wait();
+    pdl_trigger();             // after the wait: at most one kernel queued behind this one
     const int m = blockIdx.x;
     const half* xr = x + (size_t)m * x_stride;
     half* rr = ADD ? residual + (size_t)m * r_stride : nullptr;
@@ -109,7 +111,7 @@ static bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 template <bool ADD>
 static cudaError_t launch_norm(half* residual, int64_t r_stride, const half* x, int64_t x_stride,
                                const void* weight, bool w_is_fp32, half* out, int64_t out_stride,
-                               int M, int D, float eps, cudaStream_t stream)
+                               int M, int D, float eps, bool pdl, cudaStream_t stream)
 {
     if (M == 0 || D == 0) return cudaSuccess;
     bool vec = (D % 8 == 0) && aligned16(x) && aligned16(out) && (x_stride % 8 == 0) && (out_stride % 8 == 0);
@@ -121,27 +123,23 @@ static cudaError_t launch_norm(half* residual, int64_t r_stride, const half* x, 
     if (w_is_fp32)
     {
         const float* w = static_cast<const float*>(weight);
-        if (vec) rms_norm_kernel<float, ADD, true><<<grid, threads, 0, stream>>>(residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
-        else rms_norm_kernel<float, ADD, false><<<grid, threads, 0, stream>>>(residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
+        if (vec) return launch_kernel(rms_norm_kernel<float, ADD, true>, grid, dim3(threads), 0, stream, pdl, residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
+        return launch_kernel(rms_norm_kernel<float, ADD, false>, grid, dim3(threads), 0, stream, pdl, residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
     }
-    else
-    {
-        const half* w = static_cast<const half*>(weight);
-        if (vec) rms_norm_kernel<half, ADD, true><<<grid, threads, 0, stream>>>(residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
-        else rms_norm_kernel<half, ADD, false><<<grid, threads, 0, stream>>>(residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
-    }
-    return cudaGetLastError();
+    const half* w = static_cast<const half*>(weight);
+    if (vec) return launch_kernel(rms_norm_kernel<half, ADD, true>, grid, dim3(threads), 0, stream, pdl, residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
+    return launch_kernel(rms_norm_kernel<half, ADD, false>, grid, dim3(threads), 0, stream, pdl, residual, r_stride, x, x_stride, w, out, out_stride, D, eps);
 }
 
 cudaError_t rms_norm_launch(const half* x, int64_t x_stride, const void* weight, bool w_is_fp32,
-                            half* out, int64_t out_stride, int M, int D, float eps, cudaStream_t stream)
+                            half* out, int64_t out_stride, int M, int D, float eps, bool pdl, cudaStream_t stream)
 {
-    return launch_norm<false>(nullptr, 0, x, x_stride, weight, w_is_fp32, out, out_stride, M, D, eps, stream);
+    return launch_norm<false>(nullptr, 0, x, x_stride, weight, w_is_fp32, out, out_stride, M, D, eps, pdl, stream);
 }
 
 cudaError_t add_rms_norm_launch(half* residual, int64_t r_stride, const half* x, int64_t x_stride,
                                 const void* weight, bool w_is_fp32, half* out, int64_t out_stride,
-                                int M, int D, float eps, cudaStream_t stream)
+                                int M, int D, float eps, bool pdl, cudaStream_t stream)
 {
-    return launch_norm<true>(residual, r_stride, x, x_stride, weight, w_is_fp32, out, out_stride, M, D, eps, stream);
+    return launch_norm<true>(residual, r_stride, x, x_stride, weight, w_is_fp32, out, out_stride, M, D, eps, pdl, stream);
 }

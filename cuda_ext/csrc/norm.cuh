@@ -8,8 +8,8 @@
 
 // weight is fp16 (w_is_fp32 false) or fp32. Strides in elements between rows.
 cudaError_t rms_norm_launch(const half* x, int64_t x_stride, const void* weight, bool w_is_fp32,
-                            half* out, int64_t out_stride, int M, int D, float eps, cudaStream_t stream);
+                            half* out, int64_t out_stride, int M, int D, float eps, bool pdl, cudaStream_t stream);
 
 cudaError_t add_rms_norm_launch(half* residual, int64_t r_stride, const half* x, int64_t x_stride,
                                 const void* weight, bool w_is_fp32, half* out, int64_t out_stride,
-                                int M, int D, float eps, cudaStream_t stream);
+                                int M, int D, float eps, bool pdl, cudaStream_t stream);

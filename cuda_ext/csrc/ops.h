@@ -9,10 +9,10 @@
 void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant);
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl);
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
                                        int64_t tn, int64_t splits, int64_t variant);
-std::string q4_gemm_variant_name_py(int64_t variant);
+std::string q4_gemm_variant_name_py(int64_t M, int64_t variant);
 int64_t q4_gemm_num_variants_py(int64_t M);
 void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
                 const std::optional<torch::Tensor>& perm, torch::Tensor& out);

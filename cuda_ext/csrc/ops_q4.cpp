@@ -3,13 +3,16 @@
 #include "checks.h"
 #include "q4_gemm.cuh"
 #include "q4_dequant.cuh"
+#include "launch.h"
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace {
@@ -26,7 +29,7 @@ int* tile_counters(const torch::Device& device)
     if ((int)buffers.size() <= index) buffers.resize(index + 1, nullptr);
     if (!buffers[index])
     {
-        TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+        EXL_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
                     "q4_gemm_small: the first split-K call on ", device, " must run before CUDA graph capture "
                     "(warm up once eagerly)");
         buffers[index] = new torch::Tensor(
@@ -45,7 +48,7 @@ void check_q4_weights(const torch::Tensor& qweight, const torch::Tensor& scales,
     EXL_CHECK_ALIGNED(qweight, 16);
     K = qweight.size(0) * 8;
     N = qweight.size(1);
-    TORCH_CHECK(N % 4 == 0, "qweight.size(1) (N=", N, ") must be a multiple of 4");
+    EXL_CHECK(N % 4 == 0, "qweight.size(1) (N=", N, ") must be a multiple of 4");
 
     EXL_CHECK_DTYPE(scales, torch::kFloat16);
     EXL_CHECK_DTYPE(offsets, torch::kFloat16);
@@ -53,19 +56,19 @@ void check_q4_weights(const torch::Tensor& qweight, const torch::Tensor& scales,
     EXL_CHECK_CONTIG(scales);
     EXL_CHECK_CONTIG(offsets);
     EXL_CHECK_SIZE(scales, 1, N);
-    TORCH_CHECK(offsets.sizes() == scales.sizes(), "offsets must have the shape of scales ", scales.sizes(),
+    EXL_CHECK(offsets.sizes() == scales.sizes(), "offsets must have the shape of scales ", scales.sizes(),
                 " (got ", offsets.sizes(), ")");
     EXL_CHECK_SAME_DEVICE(qweight, scales);
     EXL_CHECK_SAME_DEVICE(qweight, offsets);
     EXL_CHECK_ALIGNED(scales, 8);  // 8-byte loads of 4 columns
     EXL_CHECK_ALIGNED(offsets, 8);
     groups = scales.size(0);
-    TORCH_CHECK(groups > 0 && K % groups == 0, "scales.size(0) (", groups, " groups) must divide K=", K);
-    TORCH_CHECK((K / groups) % 8 == 0, "group size K / groups = ", K / groups, " must be a multiple of 8");
+    EXL_CHECK(groups > 0 && K % groups == 0, "scales.size(0) (", groups, " groups) must divide K=", K);
+    EXL_CHECK((K / groups) % 8 == 0, "group size K / groups = ", K / groups, " must be a multiple of 8");
     if (perm.has_value())
     {
         const auto& p = *perm;
-        TORCH_CHECK(p.scalar_type() == torch::kInt64 || p.scalar_type() == torch::kInt32,
+        EXL_CHECK(p.scalar_type() == torch::kInt64 || p.scalar_type() == torch::kInt32,
                     "perm must be int64 or int32 (got ", p.scalar_type(), ")");
         EXL_CHECK_DIM(p, 1);
         EXL_CHECK_SIZE(p, 0, K);
@@ -78,6 +81,7 @@ struct DeviceInfo
 {
     int sm_count = 0;
     int smem_optin = 0;
+    int cc_major = 0;
 };
 
 // Multiprocessor count and opt-in shared memory per block, read once per device.
@@ -92,14 +96,21 @@ DeviceInfo device_info(int device)
     {
         C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
         C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device));
     }
     return d;
 }
 
-Q4GemmPlan make_plan(int M, int K, int N, int groups, int device, int tn, int splits, int variant)
+Q4GemmPlan make_plan(int M, int K, int N, int groups, int device, int tn, int splits, int variant, int pdl)
 {
     const DeviceInfo d = device_info(device);
-    return q4_gemm_plan(M, K, N, groups, d.sm_count, (size_t)d.smem_optin, tn, splits, variant);
+    return q4_gemm_plan(M, K, N, groups, d.sm_count, (size_t)d.smem_optin, d.cc_major, tn, splits, variant, pdl);
+}
+
+// pdl < 0: automatic (see launch.h); 0 off, 1 / 2 forced on (see Q4GemmPlan::pdl; for tuning and tests).
+int resolve_pdl(int64_t pdl, int device, int64_t K, int64_t N)
+{
+    return pdl >= 0 ? (int)pdl : (pdl_auto(device) ? pdl_mode_default((double)K * N / 2) : 0);
 }
 
 }  // namespace
@@ -107,7 +118,7 @@ Q4GemmPlan make_plan(int M, int K, int N, int groups, int device, int tn, int sp
 void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant)
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
@@ -118,31 +129,32 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
     EXL_CHECK_ALIGNED(x, 16);
     EXL_CHECK_SIZE(x, 1, K);
     const int64_t M = x.size(0);
-    TORCH_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "q4_gemm_small takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
+    EXL_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "q4_gemm_small takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
     EXL_CHECK_DTYPE(out, torch::kFloat16);
     EXL_CHECK_CONTIG(out);
     EXL_CHECK_SAME_DEVICE(out, qweight);
-    TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
+    EXL_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
                 "out must have shape [", M, ", ", N, "] (got ", out.sizes(), ")");
     if (bias.has_value())
     {
         EXL_CHECK_DTYPE((*bias), torch::kFloat16);
         EXL_CHECK_CONTIG((*bias));
         EXL_CHECK_SAME_DEVICE((*bias), qweight);
-        TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " elements (got ", bias->sizes(), ")");
+        EXL_CHECK(bias->numel() == N, "bias must have N=", N, " elements (got ", bias->sizes(), ")");
     }
     if (residual.has_value())
     {
         EXL_CHECK_DTYPE((*residual), torch::kFloat16);
         EXL_CHECK_CONTIG((*residual));
         EXL_CHECK_SAME_DEVICE((*residual), qweight);
-        TORCH_CHECK(residual->numel() == M * N, "residual must have shape [", M, ", ", N, "] (got ", residual->sizes(), ")");
+        EXL_CHECK(residual->numel() == M * N, "residual must have shape [", M, ", ", N, "] (got ", residual->sizes(), ")");
     }
 
     const c10::cuda::CUDAGuard guard(qweight.device());
     const int device = qweight.device().index();
-    const Q4GemmPlan plan = make_plan((int)M, (int)K, (int)N, (int)groups, device, (int)tn, (int)splits, (int)variant);
-    TORCH_CHECK(plan.splits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
+    const Q4GemmPlan plan = make_plan((int)M, (int)K, (int)N, (int)groups, device, (int)tn, (int)splits, (int)variant,
+                                      resolve_pdl(pdl, device, K, N));
+    EXL_CHECK(plan.splits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
                 " groups=", groups, " tn=", tn, " splits=", splits);
 
     torch::Tensor workspace;
@@ -179,11 +191,11 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
                                        int64_t tn, int64_t splits, int64_t variant)
 {
-    const Q4GemmPlan p = make_plan((int)M, (int)K, (int)N, (int)groups, (int)device, (int)tn, (int)splits, (int)variant);
+    const Q4GemmPlan p = make_plan((int)M, (int)K, (int)N, (int)groups, (int)device, (int)tn, (int)splits, (int)variant, 0);
     return {p.tn, p.splits, p.rows_per_split, p.rows_per_trow, p.variant, p.tiles, (int64_t)p.smem_bytes};
 }
 
-std::string q4_gemm_variant_name_py(int64_t variant) { return q4_gemm_variant_name((int)variant); }
+std::string q4_gemm_variant_name_py(int64_t M, int64_t variant) { return q4_gemm_variant_name((int)M, (int)variant); }
 
 int64_t q4_gemm_num_variants_py(int64_t M) { return q4_gemm_num_variants((int)M); }
 
@@ -196,7 +208,7 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
     EXL_CHECK_CONTIG(out);
     EXL_CHECK_SAME_DEVICE(out, qweight);
     EXL_CHECK_ALIGNED(out, 8);
-    TORCH_CHECK(out.dim() == 2 && out.size(0) == K && out.size(1) == N,
+    EXL_CHECK(out.dim() == 2 && out.size(0) == K && out.size(1) == N,
                 "out must have shape [", K, ", ", N, "] (got ", out.sizes(), ")");
 
     const c10::cuda::CUDAGuard guard(qweight.device());
@@ -212,6 +224,6 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
                                      reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
                                      reinterpret_cast<const half*>(offsets.data_ptr<at::Half>()), p32, p64,
                                      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)K, (int)N, (int)groups,
-                                     stream));
+                                     pdl_auto(qweight.device().index()), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -12,6 +12,8 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
                   const int64_t* __restrict__ perm64, half* __restrict__ out,
                   int Kp, int N, int gpr)
 {
+    pdl_wait();
+    pdl_trigger();             // after the wait: at most one kernel queued behind this one
     const int nq = N >> 2;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)Kp * nq) return;
@@ -54,7 +56,7 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
 
 cudaError_t q4_dequant_launch(const uint32_t* qweight, const half* scales, const half* offsets,
                               const int32_t* perm32, const int64_t* perm64, half* out,
-                              int K, int N, int groups, cudaStream_t stream)
+                              int K, int N, int groups, bool pdl, cudaStream_t stream)
 {
     const int Kp = K / 8;
     const int gpr = (K / groups) / 8;
@@ -62,6 +64,6 @@ cudaError_t q4_dequant_launch(const uint32_t* qweight, const half* scales, const
     if (total == 0) return cudaSuccess;
     const int threads = 256;
     const long long blocks = EXL_DIV_UP(total, (long long)threads);
-    q4_dequant_kernel<<<(unsigned)blocks, threads, 0, stream>>>(qweight, scales, offsets, perm32, perm64, out, Kp, N, gpr);
-    return cudaGetLastError();
+    return launch_kernel(q4_dequant_kernel, dim3((unsigned)blocks), dim3(threads), 0, stream, pdl,
+                         qweight, scales, offsets, perm32, perm64, out, Kp, N, gpr);
 }

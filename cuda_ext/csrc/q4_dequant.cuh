@@ -7,4 +7,4 @@
 
 cudaError_t q4_dequant_launch(const uint32_t* qweight, const half* scales, const half* offsets,
                               const int32_t* perm32, const int64_t* perm64, half* out,
-                              int K, int N, int groups, cudaStream_t stream);
+                              int K, int N, int groups, bool pdl, cudaStream_t stream);

@@ -1,75 +1,116 @@
-// q4 GEMM for M <= 8 rows: planning (tile width, split-K) and dispatch to the template instances.
+// q4 GEMM for M <= 8 rows: planning (tile width, split-K, variant) and dispatch to the template instances.
 #include "q4_gemm.cuh"
 #include "common.cuh"
 
 #include <algorithm>
 
-// variant = 2 * shape + load_mode; shape 0: 8 rows a batch, next batch prefetched; 1: 16 rows, no
-// prefetch; 2: 4 rows, prefetched. load_mode 0: plain __ldg; 1: no L1 allocation + L2 evict-first.
-static const int kDefaultVariant = 0;
+namespace {
 
-int q4_gemm_num_variants(int M) { return M == 1 ? 6 : 2; }
-
-const char* q4_gemm_variant_name(int variant)
+struct Variant
 {
-    switch (variant)
-    {
-        case 0: return "u8-pipe";
-        case 1: return "u8-pipe-evict";
-        case 2: return "u16";
-        case 3: return "u16-evict";
-        case 4: return "u4-pipe";
-        case 5: return "u4-pipe-evict";
-        default: return "?";
-    }
+    int U, S, MINB;
+    const char* name;
+};
+
+// S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched).
+// MINB: blocks per multiprocessor the register budget is set for. Entry 0 is the default: on an
+// H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8.
+const Variant kVariantsM1[] = {{4, 0, 3, "reg4"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}};
+const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
+
+const Variant& variant_of(int M, int v)
+{
+    return M == 1 ? kVariantsM1[v] : kVariantsMn[v];
 }
 
-static size_t plan_smem(int M, int rows_per_split, int tn)
+size_t plan_smem(int M, int rows_per_split, int tn, int S)
 {
+    const size_t ring = (size_t)S * Q4_THREADS * 16;
     const size_t xbytes = (size_t)M * rows_per_split * 8 * 4 + (size_t)M * rows_per_split * 4;
     const size_t rbytes = (size_t)(Q4_THREADS / 32) * M * tn * 4;
-    return std::max(xbytes, rbytes);
+    return std::max(ring + xbytes, rbytes);
 }
 
-Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t smem_optin,
-                        int tn, int splits, int variant)
+}  // namespace
+
+int q4_gemm_num_variants(int M)
+{
+    return M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));
+}
+
+const char* q4_gemm_variant_name(int M, int variant)
+{
+    if (M < 1 || M > Q4_MAX_ROWS || variant < 0 || variant >= q4_gemm_num_variants(M)) return "?";
+    return variant_of(M, variant).name;
+}
+
+Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t smem_optin, int cc_major,
+                        int tn, int splits, int variant, int pdl)
 {
     Q4GemmPlan p{};
     p.splits = 0;
     if (M < 1 || M > Q4_MAX_ROWS || K <= 0 || N <= 0 || (K & 7) || (N & 3) || groups <= 0 || K % groups) return p;
     if ((K / groups) & 7) return p;
-    if (variant < 0 || variant >= q4_gemm_num_variants(M)) variant = kDefaultVariant;
+    if (variant < 0 || variant >= q4_gemm_num_variants(M)) variant = 0;
+    const int S = variant_of(M, variant).S;
     const int Kp = K / 8;
     if (sm_count <= 0) sm_count = 1;
 
-    if (tn == 0)
+    // Automatic tile width and split count (fitted to H100 sweeps, docs/performance.md): as many
+    // blocks as fit about one wave (resident blocks per multiprocessor x multiprocessors, + 30%),
+    // while each thread row keeps >= 16 packed rows (4 batches of loads) and split-K stays small;
+    // ties go to wider tiles (longer contiguous rows per warp), which also have fewer splits.
+    const int per_sm = M == 1 ? variant_of(M, variant).MINB : (M == 2 ? 2 : 1);
+    const double cap = 1.3 * per_sm * sm_count;
+    if (tn == 0 || splits <= 0)
     {
-        // Narrow tiles when wide ones would leave multiprocessors idle.
-        tn = (EXL_DIV_UP(N, 64) >= sm_count) ? 64 : 32;
+        int best_tn = 0, best_splits = 0;
+        double best_blocks = 0;
+        bool best_over = true;
+        for (int cand : {128, 64, 32})
+        {
+            if (tn != 0 && cand != tn) continue;
+            const int ctiles = EXL_DIV_UP(N, cand);
+            const int ctrows = Q4_THREADS / (cand / 4);
+            int cs = splits;
+            if (cs <= 0)
+            {
+                const int by_rows = std::max(1, Kp / (ctrows * 16));
+                const int by_wave = std::max(1, (int)(cap / ctiles));
+                cs = std::min(by_rows, by_wave);
+            }
+            const double blocks = (double)ctiles * cs;
+            const bool over = blocks > cap;
+            // Prefer fitting the wave; then more blocks (or, if nothing fits, fewer); ties keep the wider tile.
+            const bool better = best_tn == 0 || (best_over && !over) ||
+                                (over == best_over && (over ? blocks < best_blocks : blocks > best_blocks));
+            if (better)
+            {
+                best_tn = cand;
+                best_splits = cs;
+                best_blocks = blocks;
+                best_over = over;
+            }
+        }
+        tn = best_tn;
+        splits = best_splits;
     }
     if (tn != 32 && tn != 64 && tn != 128) return p;
     const int lpr = tn / 4;
     const int trows = Q4_THREADS / lpr;
     const int tiles = EXL_DIV_UP(N, tn);
 
-    if (splits <= 0)
-    {
-        // Aim for about two blocks per multiprocessor, but keep >= 8 packed rows per thread row.
-        const int want = EXL_DIV_UP(2 * sm_count, tiles);
-        const int cap = std::max(1, Kp / (trows * 8));
-        splits = std::max(1, std::min(want, cap));
-    }
     splits = std::min(splits, Kp);
     int rps = EXL_DIV_UP(Kp, splits);
     // Shared memory holds x for the block's K range: split further if it does not fit.
-    while (plan_smem(M, rps, tn) > smem_optin && rps > 1)
+    while (plan_smem(M, rps, tn, S) > smem_optin && rps > 1)
     {
         ++splits;
         rps = EXL_DIV_UP(Kp, splits);
     }
     splits = EXL_DIV_UP(Kp, rps);           // no empty splits
     if (splits > 1 && tiles > Q4_COUNTERS) return p;
-    if (plan_smem(M, rps, tn) > smem_optin) return p;
+    if (plan_smem(M, rps, tn, S) > smem_optin) return p;
 
     p.tn = tn;
     p.splits = splits;
@@ -77,7 +118,8 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
     p.rows_per_trow = EXL_DIV_UP(rps, trows);
     p.variant = variant;
     p.tiles = tiles;
-    p.smem_bytes = plan_smem(M, rps, tn);
+    p.smem_bytes = plan_smem(M, rps, tn, S);
+    p.pdl = (cc_major >= 9 && pdl > 0) ? std::min(pdl, 2) : 0;
     return p;
 }
 
@@ -88,18 +130,15 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
     {
         switch (plan.variant)
         {
-            case 1: return q4_gemm_launch_t<1, 8, true, 1>(plan, args, stream);
-            case 2: return q4_gemm_launch_t<1, 16, false, 0>(plan, args, stream);
-            case 3: return q4_gemm_launch_t<1, 16, false, 1>(plan, args, stream);
-            case 4: return q4_gemm_launch_t<1, 4, true, 0>(plan, args, stream);
-            case 5: return q4_gemm_launch_t<1, 4, true, 1>(plan, args, stream);
-            default: return q4_gemm_launch_t<1, 8, true, 0>(plan, args, stream);
+            case 1: return q4_gemm_launch_t<1, 0, 16, 1>(plan, args, stream);
+            case 2: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
+            default: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
         }
     }
     else
     {
-        if (plan.variant == 1) return q4_gemm_launch_t<M, 8, true, 1>(plan, args, stream);
-        return q4_gemm_launch_t<M, 8, true, 0>(plan, args, stream);
+        if (plan.variant == 1) return q4_gemm_launch_t<M, 0, 16, 1>(plan, args, stream);
+        return q4_gemm_launch_t<M, 4, 0, 1>(plan, args, stream);
     }
 }
 

@@ -21,6 +21,8 @@ struct Q4GemmPlan
     int variant;          // inner-loop variant, see q4_gemm_variant_name()
     int tiles;            // column tiles = ceil(N / tn)
     size_t smem_bytes;    // dynamic shared memory per block
+    int pdl;              // programmatic dependent launch: 0 off; 1 on, next kernel released after the main
+                          // loop; 2 on, released at the start (weights are always read before the wait)
 };
 
 struct Q4GemmArgs
@@ -39,15 +41,18 @@ struct Q4GemmArgs
     int M, K, N, groups, gpr;  // gpr: packed rows per group = (K / groups) / 8
 };
 
-// tn / splits / variant = 0 pick automatically. Returns a plan with splits == 0 if the shape is unsupported.
-Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t smem_optin,
-                        int tn, int splits, int variant);
+// tn / splits = 0 and variant < 0 pick automatically. pdl: 0 off, 1 / 2 as above (sm_90+ only).
+// Returns a plan with splits == 0 if the shape is unsupported.
+Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t smem_optin, int cc_major,
+                        int tn, int splits, int variant, int pdl);
 
 int q4_gemm_num_variants(int M);
-const char* q4_gemm_variant_name(int variant);
+const char* q4_gemm_variant_name(int M, int variant);
 
 cudaError_t q4_gemm_small_launch(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream);
 
 // Template entry points, instantiated in q4_gemm_m*.cu (compile units split for parallel builds).
-template <int M, int U, bool PIPE, int LM>
+// S > 0: weights stream through a per-thread cp.async ring of S rows; S == 0: U rows in registers,
+// the next U prefetched. MINB: minimum resident blocks per multiprocessor (register cap).
+template <int M, int U, int S, int MINB>
 cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream);

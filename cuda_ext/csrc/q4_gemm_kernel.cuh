@@ -14,6 +14,14 @@
 // q from a nibble without an int->float conversion: nibble j (j <= 4) of w sits at bit 4j, so
 // (w & 0xF << 4j) | exponent(2^(23-4j)) is the float 2^(23-4j) + q exactly; one LOP3 + one FADD.
 // Nibbles 5..7 use w >> 12 the same way.
+//
+// Latency: the kernel is memory-bound and short, so the bytes in flight decide. Variant S > 0 streams
+// each thread's weights through a private shared-memory ring of S rows filled by cp.async (16 bytes
+// each, L2 evict-first, no registers held), S - 1 rows ahead. With PDL the ring is filled before
+// griddepcontrol.wait, i.e. while the previous kernel is still finishing; x (the previous kernel's
+// output) is read only after the wait. Variant S == 0 keeps U rows in registers instead (the default:
+// faster on an H100, see docs/performance.md). early_trigger: release the next kernel (PDL) at the
+// start instead of after the main loop; it never changes results, only how kernels overlap.
 #pragma once
 
 #include "q4_gemm.cuh"
@@ -46,6 +54,20 @@ __device__ __forceinline__ uint4 load_w(const uint4* p, uint64_t pol)
     return r;
 }
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t pol)
+{
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "l"(pol) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 __device__ __forceinline__ void decode8(uint32_t w, float (&q)[8])
 {
     const uint32_t w2 = w >> 12;
@@ -71,13 +93,68 @@ __device__ __forceinline__ void load_so(const Q4GemmArgs& a, int g, int n0, floa
     o[0] = o01.x; o[1] = o01.y; o[2] = o23.x; o[3] = o23.y;
 }
 
-// M rows, U packed rows per batch of loads, PIPE: load batch b+1 before computing batch b.
-template <int M, int U, bool PIPE, int LM>
-__global__ void __launch_bounds__(Q4_THREADS, (M == 1 ? 2 : 1))
-q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split, const int rows_per_trow)
+// accq[m][c] += x[m, 8 rows] . q[8 rows, c] for one packed row (8 K x 4 N weights in w).
+template <int M>
+__device__ __forceinline__ void q4_row(const uint4& w, const float* xs, int kc, int r, float (&accq)[M][4])
+{
+    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+    if constexpr (M <= 2)
+    {
+        // Column by column: 8 decoded values live at a time.
+        #pragma unroll
+        for (int c = 0; c < 4; ++c)
+        {
+            float q[8];
+            decode8(wv[c], q);
+            #pragma unroll
+            for (int m = 0; m < M; ++m)
+            {
+                const float4* xr = reinterpret_cast<const float4*>(xs + m * kc + r * 8);
+                const float4 xa = xr[0];
+                const float4 xb = xr[1];
+                float t = accq[m][c];
+                t = fmaf(xa.x, q[0], t); t = fmaf(xa.y, q[1], t); t = fmaf(xa.z, q[2], t); t = fmaf(xa.w, q[3], t);
+                t = fmaf(xb.x, q[4], t); t = fmaf(xb.y, q[5], t); t = fmaf(xb.z, q[6], t); t = fmaf(xb.w, q[7], t);
+                accq[m][c] = t;
+            }
+        }
+    }
+    else
+    {
+        // Row by row: the 32 decoded values stay, x is read once per row of x.
+        float q[4][8];
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) decode8(wv[c], q[c]);
+        #pragma unroll
+        for (int m = 0; m < M; ++m)
+        {
+            const float4* xr = reinterpret_cast<const float4*>(xs + m * kc + r * 8);
+            const float4 xa = xr[0];
+            const float4 xb = xr[1];
+            #pragma unroll
+            for (int c = 0; c < 4; ++c)
+            {
+                float t = accq[m][c];
+                t = fmaf(xa.x, q[c][0], t); t = fmaf(xa.y, q[c][1], t); t = fmaf(xa.z, q[c][2], t); t = fmaf(xa.w, q[c][3], t);
+                t = fmaf(xb.x, q[c][4], t); t = fmaf(xb.y, q[c][5], t); t = fmaf(xb.z, q[c][6], t); t = fmaf(xb.w, q[c][7], t);
+                accq[m][c] = t;
+            }
+        }
+    }
+}
+
+// Bytes of the cp.async ring in front of the x staging area.
+template <int S>
+__host__ __device__ constexpr int ring_bytes() { return S * Q4_THREADS * 16; }
+
+// M rows; S > 0: cp.async ring of S rows; S == 0: U rows in registers, next U prefetched.
+template <int M, int U, int S, int MINB>
+__global__ void __launch_bounds__(Q4_THREADS, MINB)
+q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split, const int rows_per_trow,
+                     const int early_trigger)
 {
     extern __shared__ float4 smem4[];
-    float* smem = reinterpret_cast<float*>(smem4);
+    char* smem_raw = reinterpret_cast<char*>(smem4);
 
     const int lpr = tn >> 2;                 // threads across the tile
     const int tid = threadIdx.x;
@@ -95,29 +172,44 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     const int pb1 = min(Kp, pb0 + rows_per_split);
     const int nrows = pb1 - pb0;
     const int kc = rows_per_split * 8;
-    float* xs = smem;                         // [M][kc]   x (gathered, fp32)
-    float* xs8 = smem + M * kc;               // [M][rows_per_split] sums of 8 consecutive x
+    uint4* ring = reinterpret_cast<uint4*>(smem_raw);                     // [S][Q4_THREADS]
+    float* xs = reinterpret_cast<float*>(smem_raw + ring_bytes<S>());    // [M][kc] x (gathered, fp32)
+    float* xs8 = xs + M * kc;                                            // [M][rows_per_split] sums of 8 x
 
     const int i0 = pb0 + trow * rows_per_trow;
     const int i1 = min(pb1, i0 + rows_per_trow);
+    const int n = i1 - i0;                    // rows of this thread (may be <= 0)
 
-    uint64_t pol = 0;
-    if constexpr (LM == 1) pol = evict_first_policy();
-
+    if (early_trigger) pdl_trigger();         // the next kernel may start (and prefetch) right away
+    const uint64_t pol = evict_first_policy();
     const size_t wstride = (size_t)(N >> 2);  // uint4 per packed row
     const uint4* wp = reinterpret_cast<const uint4*>(a.qweight) + (size_t)i0 * wstride + (n0 >> 2);
 
-    // First batch of weights goes out before x is staged, so the staging hides under its latency.
-    uint4 wa[U];
-    #pragma unroll
-    for (int u = 0; u < U; ++u)
-        wa[u] = (col_ok && i0 + u < i1) ? load_w<LM>(wp + (size_t)u * wstride, pol) : make_uint4(0, 0, 0, 0);
+    // Weights and scales never change between kernels: fetch them before waiting on the previous kernel.
+    uint4 wa[S > 0 ? 1 : U];
+    if constexpr (S > 0)
+    {
+        #pragma unroll
+        for (int j = 0; j < S - 1; ++j)
+        {
+            if (col_ok && j < n) cp_async16(smem_addr(ring + j * Q4_THREADS + tid), wp + (size_t)j * wstride, pol);
+            cp_async_commit();
+        }
+    }
+    else
+    {
+        #pragma unroll
+        for (int u = 0; u < U; ++u)
+            wa[u] = (col_ok && u < n) ? load_w<1>(wp + (size_t)u * wstride, pol) : make_uint4(0, 0, 0, 0);
+    }
 
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
     float o4[4] = {0.f, 0.f, 0.f, 0.f};
     int g = i0 / a.gpr;
     int cnt = i0 - g * a.gpr;
-    if (col_ok && i0 < i1) load_so(a, g, n0, s4, o4);
+    if (col_ok && n > 0) load_so(a, g, n0, s4, o4);
+
+    pdl_wait();                               // x, residual, out, workspace: only from here on
 
     // Stage x[:, block's K range] into shared memory as fp32, with per-packed-row sums.
     for (int item = tid; item < M * nrows; item += Q4_THREADS)
@@ -170,93 +262,75 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         for (int c = 0; c < 4; ++c) { acc[m][c] = 0.f; accq[m][c] = 0.f; }
     }
 
-    #pragma unroll 1
-    for (int i = i0; i < i1; i += U)
-    {
-        uint4 wb[U];
-        if constexpr (PIPE)
+    // After each row: count it into its group; at the group's end fold in scale and offset.
+    auto end_row = [&](int row_abs, bool more) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m) xsum[m] += xs8[m * rows_per_split + row_abs - pb0];
+        if (++cnt == a.gpr)
         {
+            #pragma unroll
+            for (int m = 0; m < M; ++m)
+            {
+                #pragma unroll
+                for (int c = 0; c < 4; ++c)
+                {
+                    acc[m][c] = fmaf(s4[c], accq[m][c], fmaf(o4[c], xsum[m], acc[m][c]));
+                    accq[m][c] = 0.f;
+                }
+                xsum[m] = 0.f;
+            }
+            cnt = 0;
+            ++g;
+            if (col_ok && more && g < a.groups) load_so(a, g, n0, s4, o4);
+        }
+    };
+
+    if constexpr (S > 0)
+    {
+        #pragma unroll 2
+        for (int j = 0; j < n; ++j)
+        {
+            const int jj = j + S - 1;
+            if (col_ok && jj < n)
+                cp_async16(smem_addr(ring + (jj % S) * Q4_THREADS + tid), wp + (size_t)jj * wstride, pol);
+            cp_async_commit();
+            cp_async_wait<S - 1>();           // row j has landed
+            const uint4 w = col_ok ? ring[(j % S) * Q4_THREADS + tid] : make_uint4(0, 0, 0, 0);
+            q4_row<M>(w, xs, kc, i0 + j - pb0, accq);
+            end_row(i0 + j, j + 1 < n);
+        }
+        cp_async_wait_all();
+    }
+    else
+    {
+        #pragma unroll 1
+        for (int j = 0; j < n; j += U)
+        {
+            uint4 wb[U];
             #pragma unroll
             for (int u = 0; u < U; ++u)
             {
-                const int ii = i + U + u;
-                wb[u] = (col_ok && ii < i1) ? load_w<LM>(wp + (size_t)(ii - i0) * wstride, pol) : make_uint4(0, 0, 0, 0);
+                const int jj = j + U + u;
+                wb[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
             }
-        }
-
-        #pragma unroll
-        for (int u = 0; u < U; ++u)
-        {
-            if (i + u < i1)
+            #pragma unroll
+            for (int u = 0; u < U; ++u)
             {
-                const int r = i + u - pb0;
-                float q[4][8];
-                decode8(wa[u].x, q[0]);
-                decode8(wa[u].y, q[1]);
-                decode8(wa[u].z, q[2]);
-                decode8(wa[u].w, q[3]);
-
-                #pragma unroll
-                for (int m = 0; m < M; ++m)
+                if (j + u < n)
                 {
-                    const float4* xr = reinterpret_cast<const float4*>(xs + m * kc + r * 8);
-                    const float4 xa = xr[0];
-                    const float4 xb = xr[1];
-                    xsum[m] += xs8[m * rows_per_split + r];
-                    #pragma unroll
-                    for (int c = 0; c < 4; ++c)
-                    {
-                        float t = accq[m][c];
-                        t = fmaf(xa.x, q[c][0], t);
-                        t = fmaf(xa.y, q[c][1], t);
-                        t = fmaf(xa.z, q[c][2], t);
-                        t = fmaf(xa.w, q[c][3], t);
-                        t = fmaf(xb.x, q[c][4], t);
-                        t = fmaf(xb.y, q[c][5], t);
-                        t = fmaf(xb.z, q[c][6], t);
-                        t = fmaf(xb.w, q[c][7], t);
-                        accq[m][c] = t;
-                    }
-                }
-
-                if (++cnt == a.gpr)
-                {
-                    #pragma unroll
-                    for (int m = 0; m < M; ++m)
-                    {
-                        #pragma unroll
-                        for (int c = 0; c < 4; ++c)
-                        {
-                            acc[m][c] = fmaf(s4[c], accq[m][c], fmaf(o4[c], xsum[m], acc[m][c]));
-                            accq[m][c] = 0.f;
-                        }
-                        xsum[m] = 0.f;
-                    }
-                    cnt = 0;
-                    ++g;
-                    if (col_ok && g < a.groups && i + u + 1 < i1) load_so(a, g, n0, s4, o4);
+                    q4_row<M>(wa[u], xs, kc, i0 + j + u - pb0, accq);
+                    end_row(i0 + j + u, j + u + 1 < n);
                 }
             }
-        }
-
-        if constexpr (PIPE)
-        {
             #pragma unroll
             for (int u = 0; u < U; ++u) wa[u] = wb[u];
         }
-        else
-        {
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                const int ii = i + U + u;
-                wa[u] = (col_ok && ii < i1) ? load_w<LM>(wp + (size_t)(ii - i0) * wstride, pol) : make_uint4(0, 0, 0, 0);
-            }
-        }
     }
 
+    if (!early_trigger) pdl_trigger();        // main loop done: let the next kernel launch into our tail
+
     // A group cut off by the end of this thread's range.
-    if (i0 < i1 && cnt != 0)
+    if (n > 0 && cnt != 0)
     {
         #pragma unroll
         for (int m = 0; m < M; ++m)
@@ -279,11 +353,11 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         }
     }
 
-    __syncthreads();                          // x in shared memory is dead from here
+    __syncthreads();                          // ring and x in shared memory are dead from here
     const int warp = tid >> 5;
     const int lane = tid & 31;
     constexpr int NWARPS = Q4_THREADS / 32;
-    float* red = smem;                        // [NWARPS][M][tn]
+    float* red = reinterpret_cast<float*>(smem_raw);   // [NWARPS][M][tn]
     if (lane < lpr)
     {
         #pragma unroll
@@ -298,20 +372,20 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     {
         const int m = item / tn;
         const int col = item - m * tn;
-        const int n = tile * tn + col;
-        if (n >= N) continue;
+        const int nn = tile * tn + col;
+        if (nn >= N) continue;
         float v = 0.f;
         #pragma unroll
         for (int w = 0; w < NWARPS; ++w) v += red[(w * M + m) * tn + col];
         if (splits == 1)
         {
-            if (a.bias) v += __half2float(a.bias[n]);
-            if (a.residual) v += __half2float(a.residual[(size_t)m * N + n]);
-            a.out[(size_t)m * N + n] = __float2half_rn(v);
+            if (a.bias) v += __half2float(a.bias[nn]);
+            if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
+            a.out[(size_t)m * N + nn] = __float2half_rn(v);
         }
         else
         {
-            a.workspace[((size_t)split * M + m) * N + n] = v;
+            a.workspace[((size_t)split * M + m) * N + nn] = v;
         }
     }
     if (splits == 1) return;
@@ -332,33 +406,32 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     {
         const int m = item / tn;
         const int col = item - m * tn;
-        const int n = tile * tn + col;
-        if (n >= N) continue;
+        const int nn = tile * tn + col;
+        if (nn >= N) continue;
         float v = 0.f;
-        for (int s = 0; s < splits; ++s) v += __ldcg(a.workspace + ((size_t)s * M + m) * N + n);
-        if (a.bias) v += __half2float(a.bias[n]);
-        if (a.residual) v += __half2float(a.residual[(size_t)m * N + n]);
-        a.out[(size_t)m * N + n] = __float2half_rn(v);
+        for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
+        if (a.bias) v += __half2float(a.bias[nn]);
+        if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
+        a.out[(size_t)m * N + nn] = __float2half_rn(v);
     }
     if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
 }
 
 }  // namespace q4k
 
-template <int M, int U, bool PIPE, int LM>
+template <int M, int U, int S, int MINB>
 cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream)
 {
-    auto kernel = q4k::q4_gemm_small_kernel<M, U, PIPE, LM>;
+    auto kernel = q4k::q4_gemm_small_kernel<M, U, S, MINB>;
     if (plan.smem_bytes > 48 * 1024)
     {
         // Raised per launch only when needed; cheap next to the kernel and safe while capturing.
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem_bytes);
         if (err != cudaSuccess) return err;
     }
-    dim3 grid(plan.tiles, plan.splits);
-    kernel<<<grid, Q4_THREADS, plan.smem_bytes, stream>>>(args, plan.tn, plan.rows_per_split, plan.rows_per_trow);
-    return cudaGetLastError();
+    return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? 1 : 0);
 }
 
-#define Q4_INSTANTIATE(M, U, PIPE, LM) \
-    template cudaError_t q4_gemm_launch_t<M, U, PIPE, LM>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);
+#define Q4_INSTANTIATE(M, U, S, MINB) \
+    template cudaError_t q4_gemm_launch_t<M, U, S, MINB>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);

@@ -1,9 +1,6 @@
-// Template instances of the q4 GEMM kernel, M = 1 (all inner-loop variants).
+// Template instances of the q4 GEMM kernel, M = 1 (all variants; see q4_gemm.cu).
 #include "q4_gemm_kernel.cuh"
 
-Q4_INSTANTIATE(1, 8, true, 0)
-Q4_INSTANTIATE(1, 8, true, 1)
-Q4_INSTANTIATE(1, 16, false, 0)
-Q4_INSTANTIATE(1, 16, false, 1)
-Q4_INSTANTIATE(1, 4, true, 0)
-Q4_INSTANTIATE(1, 4, true, 1)
+Q4_INSTANTIATE(1, 4, 0, 3)
+Q4_INSTANTIATE(1, 0, 16, 1)
+Q4_INSTANTIATE(1, 4, 0, 2)

@@ -12,6 +12,8 @@ __global__ void rotary_kernel(half* x, int64_t sb, int64_t st, int64_t sh, int T
                               const float* __restrict__ cosv, const float* __restrict__ sinv, int max_pos,
                               const PT* __restrict__ pos, int64_t psb, int64_t pst, long long total)
 {
+    pdl_wait();
+    pdl_trigger();             // after the wait: at most one kernel queued behind this one
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
     const int i = (int)(idx % d);
@@ -35,7 +37,7 @@ __global__ void rotary_kernel(half* x, int64_t sb, int64_t st, int64_t sh, int T
 cudaError_t rotary_launch(half* x, int64_t sb, int64_t st, int64_t sh, int B, int T, int H, int Dh,
                           const float* cos, const float* sin, int max_pos,
                           const void* positions, bool pos_is64, int64_t psb, int64_t pst,
-                          cudaStream_t stream)
+                          bool pdl, cudaStream_t stream)
 {
     const int d = Dh / 2;
     const long long total = (long long)B * T * H * d;
@@ -43,10 +45,8 @@ cudaError_t rotary_launch(half* x, int64_t sb, int64_t st, int64_t sh, int B, in
     const int threads = 256;
     const unsigned blocks = (unsigned)EXL_DIV_UP(total, (long long)threads);
     if (pos_is64)
-        rotary_kernel<int64_t><<<blocks, threads, 0, stream>>>(x, sb, st, sh, T, H, d, cos, sin, max_pos,
-                                                               static_cast<const int64_t*>(positions), psb, pst, total);
-    else
-        rotary_kernel<int32_t><<<blocks, threads, 0, stream>>>(x, sb, st, sh, T, H, d, cos, sin, max_pos,
-                                                               static_cast<const int32_t*>(positions), psb, pst, total);
-    return cudaGetLastError();
+        return launch_kernel(rotary_kernel<int64_t>, dim3(blocks), dim3(threads), 0, stream, pdl, x, sb, st, sh, T, H, d,
+                             cos, sin, max_pos, static_cast<const int64_t*>(positions), psb, pst, total);
+    return launch_kernel(rotary_kernel<int32_t>, dim3(blocks), dim3(threads), 0, stream, pdl, x, sb, st, sh, T, H, d,
+                         cos, sin, max_pos, static_cast<const int32_t*>(positions), psb, pst, total);
 }

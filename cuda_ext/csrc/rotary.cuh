@@ -12,4 +12,4 @@
 cudaError_t rotary_launch(half* x, int64_t sb, int64_t st, int64_t sh, int B, int T, int H, int Dh,
                           const float* cos, const float* sin, int max_pos,
                           const void* positions, bool pos_is64, int64_t psb, int64_t pst,
-                          cudaStream_t stream);
+                          bool pdl, cudaStream_t stream);

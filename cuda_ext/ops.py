@@ -1,0 +1,196 @@
+"""Thin Python wrappers over the extension: allocate outputs, flatten leading dims, pick kernels.
+
+All kernels take fp16 activations. Other activation dtypes (bf16, fp32) take an equivalent torch path
+here, so callers need not check. Shapes: `...` is any number of leading dims.
+
+    q4_matmul(x [..., K], qweight, scales, offsets, perm=None, *, bias=None, residual=None, out=None) -> [..., N]
+        M = prod(...) <= 8 rows: q4_gemm_small (reads the packed weights once);
+        more rows: q4_dequant to fp16 [K, N] + torch.matmul (cuBLAS).
+    q4_gemm_small(x [M <= 8, K], ...) -> [M, N]    the small-M kernel itself (tn/splits/variant for tuning)
+    q4_dequant(qweight, scales, offsets, perm=None, *, out=None) -> fp16 [K, N]
+        with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather.
+    rms_norm(x [..., D], weight [D] fp16|fp32, eps, *, out=None) -> [..., D]
+    add_rms_norm(residual [..., D], x [..., D], weight, eps, *, out=None) -> out   (residual += x in place)
+    rotary_(x [B, T, H, Dh], cos [P, Dh/2] fp32, sin, positions [B, T] | [T] int32|int64 on the device) -> x
+    silu_mul(gate [..., F], up [..., F], *, out=None) -> [..., F]
+
+KV-cache writes need no kernel: `cache.index_copy_(dim, positions, new)` with a device `positions`
+tensor is graph-safe. q4_gemm_small is graph-safe too, provided one call ran eagerly on the device
+first (it allocates a small counter buffer for its split-K reduction); run one stream at a time.
+While a CUDA graph is being captured (sm_90+), every kernel here is launched with programmatic
+dependent launch: a q4 GEMM then starts loading its weights while the kernel before it finishes.
+EXLLAMA_NO_PDL=1 turns that off; EXLLAMA_PDL_MODE=2 releases the next kernel earlier (see q4_gemm_small).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import build
+
+SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
+
+
+def _ext():
+    return build.load()
+
+
+def _aligned(t: torch.Tensor, n: int = 16) -> bool:
+    return t.data_ptr() % n == 0
+
+
+# ---- q4 ---------------------------------------------------------------------------------
+
+def _dequant_torch(qweight, scales, offsets, dtype):
+    from model.quant import dequantize  # reference; only reached for non-fp16 activations
+    return dequantize(qweight, scales, offsets, dtype)
+
+
+def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                  perm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  tn: int = 0, splits: int = 0, variant: int = -1, pdl: int = -1) -> torch.Tensor:
+    """out [M, N] = x [M, K][:, perm] @ W + bias + residual for M <= 8 (fp16 in and out, fp32 sums).
+
+    tn (32/64/128 columns a block), splits (K splits) and variant pick a kernel configuration;
+    0 / 0 / -1 choose automatically. pdl: -1 automatic (programmatic dependent launch while a CUDA
+    graph is captured, sm_90+), 0 off, 1 on (the next kernel may launch once this one's main loop is
+    done), 2 on (it may launch at once). The weights are read before waiting on the previous kernel,
+    so forcing PDL eagerly is only safe when the kernel right before does not write them.
+    `residual` may be `out` itself.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"q4_gemm_small: x must be [M, K], got {tuple(x.shape)}")
+    x = x.contiguous()
+    if not _aligned(x):
+        x = x.clone()
+    if out is None:
+        out = torch.empty((x.shape[0], qweight.shape[1]), dtype=torch.float16, device=x.device)
+    if bias is not None and bias.dtype != torch.float16:
+        bias = bias.to(torch.float16)
+    if residual is not None:
+        residual = residual.reshape(out.shape)
+    _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl)
+    return out
+
+
+def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+               perm: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp16 [K, N] = scales * q + offsets (rows of the sorted weight scattered to perm[k] if perm is given)."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if out is None:
+        out = torch.empty((K, N), dtype=torch.float16, device=qweight.device)
+    _ext().q4_dequant(qweight, scales, offsets, perm, out)
+    return out
+
+
+def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              perm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] = x[..., perm] @ W + bias + residual; the small-M kernel for <= 8 rows, else dequant + cuBLAS."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if x.shape[-1] != K:
+        raise ValueError(f"q4_matmul: x has {x.shape[-1]} features, the weight takes K={K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+
+    if x.dtype != torch.float16:
+        xs = x2.index_select(1, perm) if perm is not None else x2
+        y = xs @ _dequant_torch(qweight, scales, offsets, x.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        if residual is not None:
+            y = y + residual.reshape(M, N).to(y.dtype)
+        if out is not None:
+            out.reshape(M, N).copy_(y)
+            return out
+        return y.reshape(*lead, N)
+
+    out2 = out.reshape(M, N) if out is not None else None
+    if 1 <= M <= SMALL_M_MAX and N % 4 == 0:
+        y = q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual, out=out2)
+    else:
+        w = q4_dequant(qweight, scales, offsets, perm)
+        if bias is not None:
+            y = torch.addmm(bias.to(torch.float16), x2, w, out=out2) if out2 is not None \
+                else torch.addmm(bias.to(torch.float16), x2, w)
+        else:
+            y = torch.matmul(x2, w, out=out2) if out2 is not None else torch.matmul(x2, w)
+        if residual is not None:
+            y += residual.reshape(M, N)
+    return out if out is not None else y.reshape(*lead, N)
+
+
+# ---- norms ------------------------------------------------------------------------------
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [M, D] view (rows may be strided) or copy if the last dim is not contiguous."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _norm_weight(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dtype not in (torch.float16, torch.float32):
+        weight = weight.float()
+    return weight.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 math."""
+    if x.dtype != torch.float16:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        return out.copy_(y) if out is not None else y
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    _ext().rms_norm(_rows(x), _norm_weight(weight), float(eps), out.view(-1, x.shape[-1]))
+    return out
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """residual += x (in place), then return rms_norm(residual)."""
+    if x.dtype != torch.float16 or residual.dtype != torch.float16:
+        residual += x
+        return rms_norm(residual, weight, eps, out=out)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    r2 = residual.view(-1, residual.shape[-1])  # must be a view: it is updated in place
+    _ext().add_rms_norm(r2, _rows(x), _norm_weight(weight), float(eps), out.view(-1, x.shape[-1]))
+    return out
+
+
+# ---- rotary -----------------------------------------------------------------------------
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary in place on x [B, T, H, Dh] (strided views allowed, Dh contiguous).
+
+    cos/sin: fp32 tables [max_pos, Dh/2]; positions: [B, T] or [T] (int32/int64, on x's device).
+    Positions outside the table leave their rows unchanged.
+    """
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(x.shape[0], -1)
+    if x.dtype != torch.float16:
+        d = x.shape[-1] // 2
+        c = cos[positions].unsqueeze(2)
+        s = sin[positions].unsqueeze(2)
+        x1, x2 = x[..., :d].float(), x[..., d:].float()
+        y = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        x.copy_(y.to(x.dtype))
+        return x
+    _ext().rotary_(x, cos, sin, positions)
+    return x
+
+
+# ---- activations ------------------------------------------------------------------------
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, fp32 math. gate/up may be strided row views (e.g. halves of a fused gate|up output)."""
+    if gate.dtype != torch.float16 or up.dtype != torch.float16:
+        y = torch.nn.functional.silu(gate) * up
+        return out.copy_(y) if out is not None else y
+    if out is None:
+        out = torch.empty(gate.shape, dtype=torch.float16, device=gate.device)
+    F = gate.shape[-1]
+    _ext().silu_mul(_rows(gate), _rows(up), out.view(-1, F))
+    return out
