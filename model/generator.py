@@ -328,6 +328,7 @@ class Generator:
         n, n_hist, t_first, tps = 0, P, 0.0, 0.0
 
         def final(text: str, toks: list[int], reason: str) -> Delta:
+            reason = stream.finish_reason or reason  # the flushed tail may complete a stop string
             self.last_finish_reason = reason
             return Delta(text, toks, n, tps, P, reason, reused, dropped)
 
@@ -671,6 +672,7 @@ class Generator:
             full = [f[:b0] + f[b0 + over:] for f in full]
             own = [o - over for o in own]
             shared -= over
+        self._epoch += 1  # the main cache changes: an unfinished generate() must not resume
         prefix_logits = self._prefill(full[0][:shared], lora)
         tails = [f[shared:] for f in full]
         with torch.inference_mode():
