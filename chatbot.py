@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmark import add_engine_args, runtime_from_args
+from benchmark import add_engine_args, load_from_args
 
 DEFAULT_PERSONA = (
     "This is a conversation between a person called {username} and a quirky, curious chatbot named "
@@ -146,7 +146,6 @@ class ReplyPrinter:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from model.generator import GenerationSettings, Generator
-    from model.loader import load
 
     interactive = sys.stdin.isatty()
     persona = None
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
         print(f"chatbot: {e}", file=sys.stderr)
         return 2
 
-    model, tokenizer = load(args.directory, runtime_from_args(args))
+    model, tokenizer, adapters = load_from_args(args)
     template = args.template or ("chat" if tokenizer.chat_template else "raw")
     if template == "chat" and not tokenizer.chat_template:
         print("chatbot: this model has no chat template; use --template raw", file=sys.stderr)
@@ -172,7 +171,8 @@ def main(argv=None) -> int:
     conv = Conversation(tokenizer, template, persona, args.username, args.botname)
     settings = GenerationSettings(sampler=settings_sampler, max_new_tokens=max(1, args.max_response_tokens),
                                   stop_strings=conv.stop_strings(),
-                                  break_on_newline=template == "raw" and not args.no_newline)
+                                  break_on_newline=template == "raw" and not args.no_newline,
+                                  lora=adapters[0] if adapters else None)
     out = sys.stdout
     if interactive:
         print(f"-- {template} template, model {getattr(model, 'source', '?')}; Ctrl-D to quit, "

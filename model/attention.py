@@ -1,7 +1,6 @@
 """Grouped-query self-attention with rotary embeddings and the KV cache."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -30,7 +30,7 @@ class Costs:
 def costs_for(cfg, max_seq_len: int, batch: int = 1, kv_bytes: int = 2, bits: float | None = 4.125,
               dtype_bytes: int = 2) -> Costs:
     """Estimate costs from a ModelConfig: 4-bit layers (~4.125 bits a weight with g128 scales/offsets)."""
-    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d, f = cfg.hidden_size, cfg.intermediate_size
     per_layer = d * (cfg.num_attention_heads * cfg.head_dim) * 2 + d * cfg.kv_dim * 2 + 3 * d * f
     w = per_layer * bits / 8 if bits else per_layer * dtype_bytes
     kv = 2 * batch * max_seq_len * cfg.kv_dim * kv_bytes

@@ -498,3 +498,23 @@ def test_model_order_generate_always_gets_a_bot(services):
     assert speakers(out) == ["Carol"]
     # the last writer (Alice) is not an option, and no user is on the first turn
     assert g.choose_calls[-1][1] == ["Bob:", "Carol:"]
+
+
+def test_per_bot_lora_adapter_by_name(services):
+    """A bot may name one of the adapters loaded at start; its replies are generated with it."""
+    from types import SimpleNamespace
+    services.engine.model = SimpleNamespace(lora_adapters={"pirate": "/adapters/pirate"})
+    c = Client(services)
+    sid = new_session(c)
+    assert c.ok("model.info")["model"]["adapters"] == ["pirate"]
+    parts = [{"name": "User", "kind": "user"}, {"name": "Chatbort", "kind": "bot", "lora": "pirate"}]
+    c.ok("session.update", session=sid, revision=c.revision[sid], changes={"participants": parts})
+    assert services.store.load(sid).participant("Chatbort").lora == "pirate"
+    seen = []
+    services.engine.generator.replies = lambda text, settings: seen.append(settings.lora) or " Arr."
+    c.call("chat.send", session=sid, revision=c.revision[sid], text="Hello")
+    assert seen == ["pirate"]
+    for bad in ("../etc/passwd", "nope"):
+        parts[1]["lora"] = bad
+        out = c.call("session.update", session=sid, revision=c.revision[sid], changes={"participants": parts})
+        assert out[-1]["type"] == "error" and "lora" in out[-1]["field"], out[-1]

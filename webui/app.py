@@ -72,10 +72,9 @@ def make_factory(args):
         from webui import create_app
         engine = None
         if not args.no_model:
-            from benchmark import runtime_from_args
             from webui.engine import Engine
             print("Loading the model ...", file=sys.stderr, flush=True)
-            engine = Engine.load(args.directory, runtime_from_args(args), progress=True)
+            engine = Engine.from_args(args)
             info = engine.info()
             print(f"Model: {info['name']} ({info['device']}, {info['dtype']}, context {info['max_seq_len']})",
                   file=sys.stderr, flush=True)

@@ -57,6 +57,17 @@ class Engine:
         model, tokenizer = load(path, runtime, progress=progress)
         return cls(model, tokenizer)
 
+    @classmethod
+    def from_args(cls, args) -> "Engine":
+        """The engine as the command line describes it, LoRA adapters included."""
+        from benchmark import load_from_args
+        model, tokenizer, _ = load_from_args(args)
+        return cls(model, tokenizer)
+
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters (what participants may choose)."""
+        return sorted(getattr(self.model, "lora_adapters", {}) or {})
+
     # ---- the line ------------------------------------------------------------------------------
 
     def join(self) -> object:
@@ -171,9 +182,10 @@ class Engine:
                 "device": str(dev) if dev is not None else getattr(runtime, "device", None),
                 "dtype": str(dt).replace("torch.", "") if dt is not None else getattr(runtime, "dtype", None),
                 "vocab_size": getattr(self.tokenizer, "vocab_size", None),
-                "chat_template": self.has_chat_template, "busy": self.busy, "queue": self.waiting}
+                "chat_template": self.has_chat_template, "busy": self.busy, "queue": self.waiting,
+                "adapters": self.adapters()}
 
 
 def no_model_info() -> dict:
     return {"name": None, "path": None, "max_seq_len": 0, "device": None, "dtype": None, "vocab_size": None,
-            "chat_template": False, "busy": False, "queue": 0}
+            "chat_template": False, "busy": False, "queue": 0, "adapters": []}

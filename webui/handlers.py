@@ -124,17 +124,23 @@ def session_open(conn, msg):
     yield reply("session.open", session=sid)
 
 
-def _participants(items: list[dict], old=()) -> list[Participant]:
+def _participants(conn, items: list[dict], old=()) -> list[Participant]:
     loras = {p.name: p.lora for p in old}
+    engine = conn.services.engine
+    adapters = engine.adapters() if engine is not None else []
     out, n_bots = [], 0
-    for p in items:
+    for i, p in enumerate(items):
+        lora = p["lora"] if "lora" in p else loras.get(p["name"])
+        if "lora" in p and lora is not None and lora not in adapters:
+            raise ProtocolError("bad_request", f"participants[{i}].lora: no adapter named {lora!r} is loaded "
+                                f"(loaded: {', '.join(adapters) or 'none'})", f"participants[{i}].lora")
         if p["kind"] == "bot":
             color = p.get("color") or DEFAULT_BOT_COLORS[n_bots % len(DEFAULT_BOT_COLORS)]
             n_bots += 1
         else:
             color = p.get("color") or DEFAULT_USER_COLOR
         out.append(Participant(name=p["name"], kind=p["kind"], persona=p["persona"], settings=p["settings"],
-                               lora=loras.get(p["name"]), color=color))
+                               lora=lora, color=color))
     return out
 
 
@@ -146,7 +152,7 @@ def session_create(conn, msg):
     if "fixed_prompt" in msg:
         fields["fixed_prompt"] = msg["fixed_prompt"]
     if "participants" in msg:
-        fields["participants"] = _participants(msg["participants"])
+        fields["participants"] = _participants(conn, msg["participants"])
     s = conn.services.store.create(msg.get("name"), **fields)
     yield _open(conn, s.id)
     _hub(conn).broadcast_sessions(exclude=conn)
@@ -230,7 +236,7 @@ def session_update(conn, msg):
     with hub.writing(msg["session"], msg["revision"]) as live:
         s = live.session
         if "participants" in ch:
-            s.participants = _participants(ch["participants"], s.participants)
+            s.participants = _participants(conn, ch["participants"], s.participants)
         for k in ("fixed_prompt", "keep_fixed_prompt", "turn_order", "max_bot_turns", "template"):
             if k in ch:
                 setattr(s, k, ch[k])

@@ -199,7 +199,8 @@ def v_settings(partial: bool):
 
 
 _PARTICIPANT_FIELDS = {"name": v_name, "kind": v_enum("user", "bot"), "persona": v_text(),
-                       "settings": v_settings(False), "color": None}
+                       "settings": v_settings(False), "color": None, "lora": None}
+LORA_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def v_participants(v, field):
@@ -225,6 +226,10 @@ def v_participants(v, field):
             if not isinstance(p["color"], str) or COLOR_RE.fullmatch(p["color"]) is None:
                 _bad(f"{where}.color", "expected #rgb or #rrggbb")
             clean["color"] = p["color"]
+        if "lora" in p:   # an adapter NAME (loaded at start); never a path
+            if p["lora"] is not None and (not isinstance(p["lora"], str) or LORA_RE.fullmatch(p["lora"]) is None):
+                _bad(f"{where}.lora", "expected null or an adapter name")
+            clean["lora"] = p["lora"]
         out.append(clean)
     names = [p["name"] for p in out]
     if len({n.casefold() for n in names}) != len(names):
