@@ -101,7 +101,7 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     prompt_len = max(1, length - gen)
     ids = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), device=model.device)
     cache = model.new_cache(max_seq_len=length)
-    model(ids[:, :min(prompt_len, 16)], cache)   # warm-up
+    model(ids, cache, lora=lora)                    # warm-up at full length (kernel selection, autotuning)
     cache.reset()
     _sync(model)
     t0 = time.perf_counter()
@@ -162,17 +162,34 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
     """Prompt tokens/s over prompt length and decode tokens/s over context length, `steps` points each.
 
     Each point prefills p tokens (timed: the prompt speed at p), then decodes `decode_tokens` at
-    context p (the decode speed at p); the first decode point is the empty cache.
+    context p (the decode speed at p); the first decode point is the empty cache. One decoder serves
+    every point, and each timed decode run is preceded by an untimed run over the same positions, so
+    CUDA-graph captures (one per 256-key bucket) stay out of the timings.
     """
-    room = length - decode_tokens - 4          # decode_speed's warm-up steps need room too
+    room = length - decode_tokens
     if room < steps:
         raise ValueError(f"-l {length} leaves no room for {steps} points of {decode_tokens} decode tokens")
     lens = sorted({max(1, round(room * (i + 1) / steps)) for i in range(steps)})
     ids = torch.randint(0, model.cfg.vocab_size, (1, room), device=model.device)
     cache = model.new_cache(max_seq_len=length)
+    step = _decoder(model, cache, graphs)
     model(ids[:, :min(room, 16)], cache)         # warm-up
     cache.reset()
-    ctx, dec = [0], [decode_speed(model, cache, decode_tokens, graphs)]
+
+    def decode_tps() -> float:
+        start = cache.length
+        tok = ids[:, :1]
+        for _ in range(decode_tokens):            # untimed pass over the same positions
+            step(tok)
+        cache.truncate(start)
+        _sync(model)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            tok = step(tok)[:, -1].argmax(-1, keepdim=True)
+        _sync(model)
+        return decode_tokens / (time.perf_counter() - t0)
+
+    ctx, dec = [0], [decode_tps()]
     prompt_len, prompt_tps = [], []
     for p in lens:
         cache.reset()
@@ -183,7 +200,7 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
         prompt_len.append(p)
         prompt_tps.append(p / (time.perf_counter() - t0))
         ctx.append(p)
-        dec.append(decode_speed(model, cache, decode_tokens, graphs))
+        dec.append(decode_tps())
     return {"context": ctx, "decode_tps": dec, "prompt_len": prompt_len, "prompt_tps": prompt_tps}
 
 
@@ -229,8 +246,10 @@ def table_row(r: dict) -> str:
 def describe(model) -> dict:
     from model.linear import Linear
     q = model.cfg.quant
+    fused = {id(m) for layer in model.layers for m in (layer.self_attn.qkv, layer.mlp.gate_up) if m is not None}
     linear = sum(m.in_features * m.out_features for m in model.modules()
-                 if isinstance(m, Linear) and not (m is model.lm_head and model.cfg.tie_word_embeddings))
+                 if isinstance(m, Linear) and id(m) not in fused
+                 and not (m is model.lm_head and model.cfg.tie_word_embeddings))
     return {"model": Path(getattr(model, "source", "?")).name,
             "params_m": round((linear + model.embed_tokens.numel()) / 1e6, 1),
             "group_size": q.group_size if q else None, "act_order": q.desc_act if q else None,

@@ -9,6 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 EXLLAMA_EXT_DIR=${EXLLAMA_EXT_DIR:-/tmp/exllama_ext}
 PY=${PYTHON:-python3}
 SHAPES=${*:-7b}
+[ "$SHAPES" = none ] && SHAPES=""
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 
 # gguf travels as a wheel (.whl/). The embedded model's GGUF is larger than one call may carry, so
@@ -24,10 +25,12 @@ fi
 HAVE_EMBEDDED=$($PY -c "from model.embedded import embedded_gguf_path as p; p(); print(1)" 2>/dev/null)
 $PY -c "from cuda_ext import build; build.load(); print('extension ok')" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
 
+TESTS=tests/test_kernels.py
+[ -n "$HAVE_EMBEDDED" ] && TESTS="$TESTS tests/test_gpu_model.py"
+echo "== GPU tests: $TESTS" | tee -a "$OUT/summary.txt"
+timeout 400 $PY -m pytest -q -p no:cacheprovider $TESTS -s 2>&1 \
+  | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|Error" | tee -a "$OUT/summary.txt"
 if [ -n "$HAVE_EMBEDDED" ]; then
-  echo "== GPU tests" | tee -a "$OUT/summary.txt"
-  timeout 400 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_model.py -s 2>&1 \
-    | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|Error" | tee -a "$OUT/summary.txt"
   echo "== embedded model" | tee -a "$OUT/summary.txt"
   timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   timeout 120 $PY benchmark.py -ppl 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
