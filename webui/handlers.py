@@ -165,7 +165,7 @@ def session_rename(conn, msg):
     with hub.writing(msg["session"], msg.get("revision"), allow_busy=True) as live:
         live.session.name = msg["name"]
         rev = hub.save(live)
-    hub.state(live, exclude=conn)
+    yield hub.state(live, exclude=conn)   # the requester needs the new revision too
     hub.broadcast_sessions(exclude=conn)
     yield reply("session.rename", revision=rev)
 

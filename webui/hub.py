@@ -261,7 +261,8 @@ class Hub:
         g = live.generation
         return {"id": s.id, "name": s.name, "revision": s.revision, "created": s.created, "updated": s.updated,
                 "participants": [{"name": p.name, "kind": p.kind, "persona": p.persona,
-                                  "settings": dict(p.settings), "color": p.color} for p in s.participants],
+                                  "settings": dict(p.settings), "color": p.color, "lora": p.lora}
+                             for p in s.participants],
                 "fixed_prompt": s.fixed_prompt, "keep_fixed_prompt": s.keep_fixed_prompt,
                 "settings": conversation.merged_settings(s), "turn_order": s.turn_order,
                 "max_bot_turns": s.max_bot_turns, "template": s.template, "active_leaf": s.active_leaf,
