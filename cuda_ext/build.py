@@ -23,6 +23,7 @@ SOURCES = (
     "ops_norm.cpp",
     "ops_rotary.cpp",
     "ops_act.cpp",
+    "ops_decode.cpp",
     "q4_gemm.cu",
     "q4_gemm_m1.cu",
     "q4_gemm_m2_3.cu",
@@ -32,6 +33,7 @@ SOURCES = (
     "norm.cu",
     "rotary.cu",
     "act.cu",
+    "decode.cu",
 )
 
 CFLAGS = ["-O3"]

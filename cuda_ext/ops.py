@@ -48,7 +48,9 @@ def _dequant_torch(qweight, scales, offsets, dtype):
 def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                   perm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  tn: int = 0, splits: int = 0, variant: int = -1, pdl: int = -1) -> torch.Tensor:
+                  tn: int = 0, splits: int = 0, variant: int = -1, pdl: int = -1,
+                  norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                  silu_up: bool = False) -> torch.Tensor:
     """out [M, N] = x [M, K][:, perm] @ W + bias + residual for M <= 8 (fp16 in and out, fp32 sums).
 
     tn (32/64/128 columns a block), splits (K splits) and variant pick a kernel configuration;
@@ -57,6 +59,9 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     done), 2 on (it may launch at once). The weights are read before waiting on the previous kernel,
     so forcing PDL eagerly is only safe when the kernel right before does not write them.
     `residual` may be `out` itself.
+    Fused prologues (decode): `norm_weight` [K] makes it rms_norm(x, norm_weight, norm_eps) @ W (x rows
+    normalised over K in each block); `silu_up` takes x = gate|up [M, 2K] and computes silu(gate) * up @ W.
+    Both round the transformed x to fp16, as the separate kernels store it.
     """
     if x.dim() != 2:
         raise ValueError(f"q4_gemm_small: x must be [M, K], got {tuple(x.shape)}")
@@ -65,11 +70,14 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         x = x.clone()
     if out is None:
         out = torch.empty((x.shape[0], qweight.shape[1]), dtype=torch.float16, device=x.device)
+    if norm_weight is not None and (norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous()):
+        norm_weight = norm_weight.float().contiguous()
     if bias is not None and bias.dtype != torch.float16:
         bias = bias.to(torch.float16)
     if residual is not None:
         residual = residual.reshape(out.shape)
-    _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl)
+    _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl,
+                         norm_weight, float(norm_eps), bool(silu_up))
     return out
 
 
@@ -193,4 +201,40 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None =
         out = torch.empty(gate.shape, dtype=torch.float16, device=gate.device)
     F = gate.shape[-1]
     _ext().silu_mul(_rows(gate), _rows(up), out.view(-1, F))
+    return out
+
+
+# ---- decode step (T = 1) ----------------------------------------------------------------
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, slot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """q [B, 1, H, D] rotated in place; k [B, 1, Hkv, D] rotated and v stored at k_cache/v_cache[:, :, slot[0]].
+
+    q/k/v may be strided views of a fused qkv output; positions: rotary positions [B, 1] (or [B]),
+    int32/int64; slot: int64 [1] on the device. Returns q.
+    """
+    if positions.dim() == 1:
+        positions = positions.view(-1, 1)
+    _ext().rope_kv_write(q, k, v, cos, sin, positions, slot, k_cache, v_cache)
+    return q
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode_attention has a kernel for these shapes (fp16, D 64/128, <= 8 query heads per kv head)."""
+    B, T, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    return (T == 1 and q.dtype == torch.float16 and k_cache.dtype == torch.float16 and D in (64, 128)
+            and H % Hkv == 0 and H // Hkv <= 8 and q.stride(-1) == 1 and q.stride(0) % 8 == 0
+            and q.stride(2) % 8 == 0 and _aligned(q) and k_cache.is_contiguous())
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     kv_len: int, pad: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                     splits: int = 0) -> torch.Tensor:
+    """Single-query attention: q [B, 1, H, D] over cache keys j < kv_len with pad[b] <= j <= pos[0]
+    (GQA: query head h reads kv head h // (H / Hkv)); softmax in fp32. Returns [B, 1, H, D] fp16."""
+    B, _, H, D = q.shape
+    if out is None:
+        out = torch.empty((B, 1, H, D), dtype=torch.float16, device=q.device)
+    _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits))
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import StaticPos
 from .config import ModelConfig
 from .linear import Linear
 from .ops import Ops
@@ -21,22 +22,32 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, d, ops)
         self.qkv: Linear | None = None      # fused q|k|v on GPUs (model.finalize)
 
-    def _qkv(self, x, lora):
+    def _qkv(self, x, lora, norm=None):
+        if norm is not None and (self.qkv is None or lora is not None):
+            x, norm = norm(x), None
         if self.qkv is None:
             return self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
-        y = self.qkv(x)
+        y = self.qkv(x, norm=norm)   # norm (if any) fused into the GEMV on GPUs
         q, k, v = y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         if lora is not None:
             q, k, v = (t + p.lora_delta(x, lora) for t, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
         return q, k, v
 
-    def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None):
-        """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual)."""
+    def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None, norm=None):
+        """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual).
+
+        norm: an RMSNorm applied to x first (fused into the q|k|v GEMV on GPUs)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, lora)
+        q, k, v = self._qkv(x, lora, norm)
         q = q.reshape(B, T, self.n_heads, self.head_dim)
         k = k.reshape(B, T, self.n_kv, self.head_dim)
         v = v.reshape(B, T, self.n_kv, self.head_dim)
+        if isinstance(start, StaticPos) and start.fused and T == 1 and cache is not None:
+            # Static decode step: rotary + KV write in one kernel, single-query attention over the cache.
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            q = self.ops.rope_kv_write(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc)
+            o = self.ops.decode_attention(q, kc, vc, start.pos, start.kv_len, start.pad)
+            return self.o_proj(o.reshape(B, T, -1), lora, residual)
         q = self.ops.rotary(q, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, H, T, D]
         k = self.ops.rotary(k, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, Hkv, T, D]
         v = v.transpose(1, 2)

@@ -7,10 +7,13 @@ from .config import ModelConfig
 
 
 class StaticPos:
-    """Decode position held on the device ([1] int64) and the number of keys attended to."""
+    """Decode position held on the device ([1] int64) and the number of keys attended to.
 
-    def __init__(self, pos: torch.Tensor, kv_len: int):
-        self.pos, self.kv_len = pos, kv_len
+    pad: left-padding per row ([B] int64 on the device) or None; fused: the attention layers take the
+    fused decode kernels (rope_kv_write + decode_attention, model/ops.py) and need no mask."""
+
+    def __init__(self, pos: torch.Tensor, kv_len: int, pad: torch.Tensor | None = None, fused: bool = False):
+        self.pos, self.kv_len, self.pad, self.fused = pos, kv_len, pad, fused
 
 
 class KVCache:

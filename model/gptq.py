@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -332,6 +331,27 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _attention(x, lin, cfg: ModelConfig, cos, sin):
+    """Self-attention up to (not including) o_proj; lin(x, name) applies a linear. x: [B, T, D]."""
+    b, T, _ = x.shape
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = _rotary(lin(x, "self_attn.q_proj").view(b, T, H, hd), cos, sin).transpose(1, 2)
+    k = _rotary(lin(x, "self_attn.k_proj").view(b, T, KV, hd), cos, sin).transpose(1, 2)
+    v = lin(x, "self_attn.v_proj").view(b, T, KV, hd).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+    return o.transpose(1, 2).reshape(b, T, -1)
+
+
+def _mlp_act(x, lin):
+    return F.silu(lin(x, "mlp.gate_proj")) * lin(x, "mlp.up_proj")
+
+
+def layer_forward(h, lin, ln1, ln2, cfg: ModelConfig, cos, sin):
+    """One decoder layer in fp32, as the calibration pipeline computes it (tests compare it with the engine)."""
+    h = h + lin(_attention(_rms(h, ln1, cfg.rms_norm_eps), lin, cfg, cos, sin), "self_attn.o_proj")
+    return h + lin(_mlp_act(_rms(h, ln2, cfg.rms_norm_eps), lin), "mlp.down_proj")
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.t0 = total, enabled, time.time()
@@ -417,14 +437,14 @@ def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Te
         cos, sin = _rope(cfg, T, dev)
     del E
 
-    H_heads, kv_heads, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    eps = cfg.rms_norm_eps
     shapes = linear_shapes(cfg)
     errors: dict[str, float] = {}
     bar = _Progress(cfg.num_hidden_layers, progress)
     bar.show(0)
 
-    def hessian(xs):
-        K = xs[0].shape[-1]
+    def hessian(xs, K):
+        """2/n X^T X over an iterable of input batches [..., K] (fp32 sums)."""
         Hs = torch.zeros(K, K, device=dev)
         n = 0
         for x in xs:
@@ -448,8 +468,9 @@ def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Te
         layer_err: dict[str, float] = {}
 
         def quantize_group(names, xs):
-            """Quantize linears that share their input (one Hessian, rows fused: GPTQ is row-wise)."""
-            Hm = hessian(xs) if xs else None
+            """Quantize linears that share their input (one Hessian, rows fused: GPTQ is row-wise).
+            xs: an iterable of their input batches (None without calibration)."""
+            Hm = hessian(xs, W[names[0]].shape[1]) if hs else None
             Wcat = torch.cat([W[n] for n in names])
             r = quantize_weight(Wcat, Hm, s, f"{p}.{'/'.join(names)}")
             row = 0
@@ -471,49 +492,22 @@ def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Te
 
         # q, k, v: input = norm(h)
         quantize_group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                       [_rms(h, ln1, eps) for h in hs])
-        attn = []
-        for h in hs:
-            x = _rms(h, ln1, eps)
-            b, T, _ = x.shape
-            q = _rotary(lin(x, "self_attn.q_proj").view(b, T, H_heads, hd), cos, sin).transpose(1, 2)
-            k = _rotary(lin(x, "self_attn.k_proj").view(b, T, kv_heads, hd), cos, sin).transpose(1, 2)
-            v = lin(x, "self_attn.v_proj").view(b, T, kv_heads, hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != H_heads)
-            attn.append(o.transpose(1, 2).reshape(b, T, -1))
+                       (_rms(h, ln1, eps) for h in hs))
+        attn = [_attention(_rms(h, ln1, eps), lin, cfg, cos, sin) for h in hs]
         quantize_group(["self_attn.o_proj"], attn)
         hs = [h + lin(a, "self_attn.o_proj") for h, a in zip(hs, attn)]
         del attn
-        quantize_group(["mlp.gate_proj", "mlp.up_proj"], [_rms(h, ln2, eps) for h in hs])
+        quantize_group(["mlp.gate_proj", "mlp.up_proj"], (_rms(h, ln2, eps) for h in hs))
 
         def act(h):
-            x = _rms(h, ln2, eps)
-            return F.silu(lin(x, "mlp.gate_proj")) * lin(x, "mlp.up_proj")
+            return _mlp_act(_rms(h, ln2, eps), lin)
 
         # Keep the down_proj inputs if they are small, else recompute them for the output pass.
         small = sum(h.numel() for h in hs) * cfg.intermediate_size // D * 4 <= 2**30
         acts = [act(h) for h in hs] if small else None
-        if hs:
-            Hd = torch.zeros(cfg.intermediate_size, cfg.intermediate_size, device=dev)
-            n = 0
-            for i, h in enumerate(hs):
-                a = (acts[i] if acts else act(h)).reshape(-1, cfg.intermediate_size)
-                Hd.addmm_(a.t(), a)
-                n += a.shape[0]
-            Hd *= 2.0 / n
-            r = quantize_weight(W["mlp.down_proj"], Hd, s, f"{p}.mlp.down_proj")
-        else:
-            Hd = None
-            r = quantize_weight(W["mlp.down_proj"], None, s, f"{p}.mlp.down_proj")
-        for k, t in gptq_tensors(r, s.bits).items():
-            writer.add(f"{p}.mlp.down_proj.{k}", t)
-        if "mlp.down_proj" in B:
-            keep(f"{p}.mlp.down_proj.bias", B["mlp.down_proj"])
-        deq["mlp.down_proj"] = r.weight
-        if Hd is not None:
-            layer_err["mlp.down_proj"] = errors[f"{p}.mlp.down_proj"] = relative_error(W["mlp.down_proj"], r.weight, Hd)
+        quantize_group(["mlp.down_proj"], (acts[i] if acts else act(h) for i, h in enumerate(hs)))
         hs = [h + lin(acts[i] if acts else act(h), "mlp.down_proj") for i, h in enumerate(hs)]
-        del acts, Hd, W, deq
+        del acts              # (W, deq: rebound at the next layer)
         bar.clear()
         if layer_err:
             log(f"layer {li + 1:3d}/{cfg.num_hidden_layers}  rel. output error: "
@@ -531,7 +525,7 @@ def quantize_checkpoint(src, dst, settings: QuantSettings, calibration: torch.Te
     out_cfg["torch_dtype"] = "float16"
     out_cfg["quantization_config"] = {
         "quant_method": "gptq", "bits": s.bits,
-        "group_size": s.group_size if 0 < s.group_size < 10**9 else -1,
+        "group_size": s.group_size,
         "desc_act": bool(s.act_order), "sym": bool(s.sym),
         "damp_percent": s.damp, "true_sequential": True, "static_groups": False,
         "checkpoint_format": "gptq", "method": s.method,

@@ -56,10 +56,22 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias = self.bias.to(device, dtype)
 
-    def forward(self, x: torch.Tensor, lora: str | None = None, residual: torch.Tensor | None = None):
-        """x @ W^T + b (+ the adapter's term) (+ residual, fused into the 4-bit kernel on GPUs)."""
+    def forward(self, x: torch.Tensor, lora: str | None = None, residual: torch.Tensor | None = None,
+                norm=None, silu: bool = False):
+        """x @ W^T + b (+ the adapter's term) (+ residual, fused into the 4-bit kernel on GPUs).
+
+        norm (an RMSNorm): the input is norm(x); silu: the input is silu(gate) * up of x = gate|up.
+        For 4-bit weights and a few rows on a GPU both run inside the GEMV (model/ops.py)."""
+        if (norm is not None or silu) and (not self.quantized or lora in self.lora):
+            if norm is not None:
+                x = norm(x)
+            if silu:
+                f = x.shape[-1] // 2
+                x = self.ops.silu_mul(x[..., :f], x[..., f:])
+            norm, silu = None, False
         if self.quantized:
-            y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm, self.bias, residual)
+            y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm, self.bias, residual,
+                                   norm=(norm.weight, norm.eps) if norm is not None else None, silu=silu)
             residual = None
         elif self.weight.dtype == x.dtype:
             y = torch.nn.functional.linear(x, self.weight)

@@ -30,9 +30,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
 
     def forward(self, h, rope, pos, cache, start, mask, lora):
-        # The residual adds ride on the output projections (fused into the 4-bit kernel on GPUs).
-        h = self.self_attn(self.input_layernorm(h), rope, pos, cache, start, mask, lora, residual=h)
-        return self.mlp(self.post_attention_layernorm(h), lora, residual=h)
+        # The residual adds ride on the output projections, the norms on the input projections
+        # (both fused into the 4-bit kernel on GPUs for a few rows; applied separately otherwise).
+        h = self.self_attn(h, rope, pos, cache, start, mask, lora, residual=h, norm=self.input_layernorm)
+        m = self.mlp
+        if m.gate_up is not None and lora is None:
+            # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul)
+            return m.down_proj(m.gate_up(h, norm=self.post_attention_layernorm), None, h, silu=True)
+        return m(self.post_attention_layernorm(h), lora, residual=h)
 
 
 class LlamaModel(nn.Module):
@@ -183,16 +188,19 @@ class LlamaModel(nn.Module):
         rope_pos = pos.view(1, 1).expand(B, 1)
         if pad is not None:
             rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
-        k = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
-        mask = k <= pos.view(1, 1, 1, 1)
-        if pad is not None:
-            mask = mask & (k >= pad.view(B, 1, 1, 1))
-        mask = mask.expand(B, 1, 1, kv_len)
-        static = StaticPos(pos, kv_len)
+        fused = self.ops.fused_decode_ok(h, self.cfg)
+        mask = None
+        if not fused:      # the fused attention kernel masks by position itself
+            k = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
+            mask = k <= pos.view(1, 1, 1, 1)
+            if pad is not None:
+                mask = mask & (k >= pad.view(B, 1, 1, 1))
+            mask = mask.expand(B, 1, 1, kv_len)
+        static = StaticPos(pos, kv_len, pad, fused)
         for layer in self.layers[first:end]:
             h = layer(h, self.rotary[dev], rope_pos, cache, static, mask, lora)
         if seg == len(segs) - 1:
-            return self.lm_head(self.norm(h), lora).float()
+            return self.lm_head(h, lora, norm=self.norm).float()
         return h
 
     def decode_static(self, input_ids, cache, pos, kv_len, pad=None, lora=None):

@@ -5,10 +5,21 @@ what runs on CPUs. `Ops(use_kernels=False)` forces the references everywhere.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from .quant import dequantize
+
+# Fused decode kernels (GPU, fp16 only; the references below stay the definition). OFF by default until
+# a GPU run passes tests/test_gpu_model.py with them on (docs/performance.md, "decode-step fusion"):
+#   EXLLAMA_FUSED_DECODE=1  the static decode step uses rope_kv_write + decode_attention instead of
+#                           rotary + index_copy_ + SDPA with a mask;
+#   EXLLAMA_FUSED_GEMV=1    rms_norm (before q|k|v, gate|up, lm_head) and silu_mul (before down) run in the
+#                           q4 GEMV's prologue instead of as their own kernels.
+FUSED_DECODE = os.environ.get("EXLLAMA_FUSED_DECODE", "0") == "1"
+FUSED_GEMV = os.environ.get("EXLLAMA_FUSED_GEMV", "0") == "1"
 
 
 # ---- references -------------------------------------------------------------------------
@@ -37,6 +48,30 @@ def q4_matmul_dequant(x, qweight, scales, offsets, perm):
     if perm is not None:
         x = x.index_select(-1, perm)
     return x @ dequantize(qweight, scales, offsets, x.dtype)
+
+
+def rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=rotary_ref):
+    """Rotate q and k (q [B, 1, H, D], k/v [B, 1, Hkv, D]), store k and v at cache position slot [1]
+    (a device tensor: graph-safe index_copy_); returns the rotated q."""
+    q = rotary(q, cos, sin, pos)
+    k = rotary(k, cos, sin, pos)
+    k_cache.index_copy_(2, slot, k.transpose(1, 2))
+    v_cache.index_copy_(2, slot, v.transpose(1, 2))
+    return q
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad=None):
+    """q [B, 1, H, D] over cache keys j < kv_len with pad[b] <= j <= pos[0] (SDPA with a boolean mask,
+    GQA); returns [B, 1, H, D]."""
+    B, _, H, _ = q.shape
+    j = torch.arange(kv_len, device=q.device).view(1, 1, 1, kv_len)
+    mask = j <= pos.view(1, 1, 1, 1)
+    if pad is not None:
+        mask = mask & (j >= pad.view(B, 1, 1, 1))
+    mask = mask.expand(B, 1, 1, kv_len)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
+                                       attn_mask=mask, enable_gqa=H != k_cache.shape[1])
+    return o.transpose(1, 2)
 
 
 # ---- dispatch ---------------------------------------------------------------------------
@@ -70,9 +105,48 @@ class Ops:
         k = self.kernels_for(gate)
         return k.silu_mul(gate, up) if k else silu_mul_ref(gate, up)
 
-    def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None):
-        """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds)."""
+    def fused_decode_ok(self, x, cfg) -> bool:
+        """Whether the static decode step can use rope_kv_write + decode_attention for x's device."""
+        if not (FUSED_DECODE and x.dtype == torch.float16 and self.kernels_for(x)):
+            return False
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        return D in (64, 128) and H % Hkv == 0 and H // Hkv <= 8
+
+    def rope_kv_write(self, q, k, v, cos, sin, pos, slot, k_cache, v_cache):
+        """Decode (T = 1): rotate q (in place where possible) and k, write k and v at slot; returns q."""
+        kern = self.kernels_for(q)
+        if kern and FUSED_DECODE and q.dtype == torch.float16 and q.shape[1] == 1 and k_cache.dtype == q.dtype:
+            return kern.rope_kv_write(q, k, v, cos, sin, pos, slot, k_cache, v_cache)
+        return rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=self.rotary)
+
+    def decode_attention(self, q, k_cache, v_cache, pos, kv_len, pad=None):
+        """Decode (T = 1) attention over the cache, keys pad[b] <= j <= pos[0], j < kv_len: [B, 1, H, D]."""
+        kern = self.kernels_for(q)
+        if kern and FUSED_DECODE and kern.decode_attention_supported(q, k_cache):
+            return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
+        return decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad)
+
+    def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False):
+        """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds).
+
+        norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
+        silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue.
+        """
         k = self.kernels_for(x)
+        if norm is not None or silu:
+            rows = x.numel() // max(x.shape[-1], 1)
+            if (k and FUSED_GEMV and x.dtype == torch.float16 and 1 <= rows <= 8 and qweight.shape[1] % 4 == 0
+                    and x.shape[-1] % 8 == 0 and x.is_contiguous()):
+                x2 = x.reshape(rows, x.shape[-1])
+                nw, eps = norm if norm is not None else (None, 0.0)
+                y = k.q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual,
+                                    norm_weight=nw, norm_eps=eps, silu_up=silu)
+                return y.reshape(*x.shape[:-1], qweight.shape[1])
+            if norm is not None:
+                x = self.rms_norm(x, norm[0], norm[1])
+            if silu:
+                f = x.shape[-1] // 2
+                x = self.silu_mul(x[..., :f], x[..., f:])
         if k:
             return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual)
         y = q4_matmul_dequant(x, qweight, scales, offsets, perm)

@@ -409,3 +409,178 @@ def test_silu_mul_fused_halves():
     y = ops.silu_mul(g, u)
     ref = torch.nn.functional.silu(g.float()) * u.float()
     assert y.shape == (2, M, F) and rel_err(y, ref) < ELEM_TOL
+
+
+# ---- fused GEMV prologues (RMSNorm, SiLU-mul) ---------------------------------------------
+
+@pytest.mark.parametrize("K,N,gs", [(576, 960, 64), (4096, 12288, 128), (1536, 576, 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_gemm_small_fused_norm(K, N, gs, act_order):
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    w = (torch.rand(K, device=DEV) + 0.5).float()
+    for M in (1, 2, 3, 8):
+        x = (torch.randn(M, K, device=DEV) * 3).half()
+        res = torch.randn(M, N, device=DEV).half()
+        xn = rms_ref(x, w, 1e-5).half()                 # what rms_norm stores
+        out = poison((M, N))
+        ops.q4_gemm_small(x, qw, sc, of, perm, residual=res, out=out, norm_weight=w, norm_eps=1e-5)
+        err = rel_err(out, ref_q4(xn, qw, sc, of, perm, residual=res))
+        assert err < Q4_TOL, f"M={M}: rel err {err:.2e}"
+        unfused = ops.q4_gemm_small(ops.rms_norm(x, w, 1e-5), qw, sc, of, perm, residual=res)
+        assert rel_err(out, unfused.float()) < 1e-3
+
+
+@pytest.mark.parametrize("K,N,gs", [(1536, 576, 64), (11008, 4096, 128)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_gemm_small_fused_silu(K, N, gs, act_order):
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    for M in (1, 4, 8):
+        gu = (torch.randn(M, 2 * K, device=DEV) * 2).half()
+        a = (torch.nn.functional.silu(gu[:, :K].float()) * gu[:, K:].float()).half()
+        out = poison((M, N))
+        ops.q4_gemm_small(gu, qw, sc, of, perm, out=out, silu_up=True)
+        err = rel_err(out, ref_q4(a, qw, sc, of, perm))
+        assert err < Q4_TOL, f"M={M}: rel err {err:.2e}"
+
+
+def test_model_ops_fused_matmul_matches_reference():
+    """model.ops.Ops.q4_matmul(norm=..., silu=...) on the GPU against the torch reference path."""
+    from model.ops import Ops
+    K, N = 1536, 1024
+    qw, sc, of, perm = make_q4(K, N, 64, act_order=True)
+    w = (torch.rand(K, device=DEV) + 0.5).float()
+    x = torch.randn(1, 2, K, device=DEV).half()
+    gpu, ref = Ops(True), Ops(False)
+    for kw in ({"norm": (w, 1e-6)}, {}):
+        a = gpu.q4_matmul(x, qw, sc, of, perm, **kw)
+        b = ref.q4_matmul(x.float(), qw, sc, of, perm, **{k: v for k, v in kw.items()})
+        assert a.shape == (1, 2, N) and rel_err(a, b) < Q4_TOL
+    gu = torch.randn(3, 2 * K, device=DEV).half()
+    a = gpu.q4_matmul(gu, qw, sc, of, perm, silu=True)
+    b = ref.q4_matmul(gu.float(), qw, sc, of, perm, silu=True)
+    assert rel_err(a, b) < Q4_TOL
+
+
+# ---- decode step: rope_kv_write, decode_attention -------------------------------------------
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(1, 32, 32, 128), (2, 9, 3, 64), (3, 8, 2, 128)])
+@pytest.mark.parametrize("pdtype", [torch.int32, torch.int64])
+def test_rope_kv_write(B, H, Hkv, D, pdtype):
+    S, P = 64, 512
+    cos, sin = rope_tables(P, D)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV).half()
+    q = qkv[..., :H * D].view(B, 1, H, D)
+    k = qkv[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
+    v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+    pos = torch.randint(0, P, (B, 1), device=DEV, dtype=pdtype)
+    slot = torch.tensor([37], device=DEV)
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    kc0, vc0 = kc.clone(), vc.clone()
+    ref_q = rotary_reference(q, cos, sin, pos)
+    ref_k = rotary_reference(k, cos, sin, pos)
+    v0 = v.clone()
+    ops.rope_kv_write(q, k, v, cos, sin, pos, slot, kc, vc)
+    assert rel_err(q, ref_q) < ELEM_TOL
+    assert rel_err(kc[:, :, 37], ref_k[:, 0]) < ELEM_TOL
+    assert torch.equal(vc[:, :, 37], v0[:, 0])
+    keep = torch.ones(S, dtype=torch.bool)
+    keep[37] = False
+    assert torch.equal(kc[:, :, keep], kc0[:, :, keep]) and torch.equal(vc[:, :, keep], vc0[:, :, keep])
+    # Bit-identical to the separate rotary kernel + index_copy_ it replaces.
+    k2 = k.clone()
+    ops.rotary_(k2, cos, sin, pos)
+    assert torch.equal(kc[:, :, 37], k2[:, 0])
+
+
+def attn_reference(q, kc, vc, pos, kv_len, pad=None):
+    """fp32 single-query attention with the decode mask (keys pad[b] <= j <= pos, j < kv_len)."""
+    B, _, H, D = q.shape
+    Hkv = kc.shape[1]
+    G = H // Hkv
+    k = kc[:, :, :kv_len].float().repeat_interleave(G, 1)        # [B, H, L, D]
+    v = vc[:, :, :kv_len].float().repeat_interleave(G, 1)
+    s = torch.einsum("bhd,bhld->bhl", q[:, 0].float(), k) / D ** 0.5
+    j = torch.arange(kv_len, device=DEV).view(1, 1, -1)
+    m = j <= int(pos[0])
+    if pad is not None:
+        m = m & (j >= pad.view(B, 1, 1))
+    s = s.masked_fill(~m, float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", s.softmax(-1), v).unsqueeze(1)
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(1, 32, 32, 128), (1, 9, 3, 64), (2, 32, 8, 128), (2, 8, 1, 64)])
+@pytest.mark.parametrize("kv_len", [1, 17, 256, 2048])
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_decode_attention(B, H, Hkv, D, kv_len, splits):
+    S = 2048
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV).half() * 2
+    q = qkv[..., :H * D].view(B, 1, H, D)                        # a strided view, as in the model
+    for trial in range(3):
+        pos = torch.tensor([kv_len - 1 if trial == 0 else int(torch.randint(0, kv_len, (1,)))], device=DEV)
+        pad = None
+        if trial == 2 and B > 1:
+            pad = torch.randint(0, int(pos) + 1, (B,), device=DEV)
+        out = poison((B, 1, H, D))
+        ops.decode_attention(q, kc, vc, pos, kv_len, pad, out=out, splits=splits)
+        err = rel_err(out, attn_reference(q, kc, vc, pos, kv_len, pad))
+        assert err < ELEM_TOL, f"pos={int(pos)} pad={pad}: rel err {err:.2e}"
+    # the model's reference path (SDPA + mask) agrees too
+    from model.ops import decode_attention_ref
+    ref = decode_attention_ref(q, kc, vc, pos, kv_len, pad)
+    assert rel_err(out, ref.float()) < ELEM_TOL
+
+
+def test_decode_attention_cuda_graph_moving_position():
+    B, H, Hkv, D, S, kv_len = 1, 9, 3, 64, 1024, 768
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    q = torch.randn(B, 1, H, D, device=DEV).half()
+    pos = torch.tensor([kv_len - 1], device=DEV)
+    out = poison((B, 1, H, D))
+    ops.decode_attention(q, kc, vc, pos, kv_len, out=out)       # eager first (allocates the counters)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        ops.decode_attention(q, kc, vc, pos, kv_len, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    for p in (0, 5, 300, 767, 100):
+        pos.fill_(p)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, attn_reference(q, kc, vc, pos, kv_len)) < ELEM_TOL, p
+
+
+def test_model_ops_decode_step_matches_reference():
+    """Ops.rope_kv_write + Ops.decode_attention (kernels) == the reference path (rotary + index_copy_ + SDPA)."""
+    from model.ops import Ops, decode_attention_ref, rope_kv_write_ref
+    B, H, Hkv, D, S = 2, 8, 2, 128, 300
+    cos, sin = rope_tables(S, D)
+    gpu = Ops(True)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV).half()
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    pos = torch.tensor([200], device=DEV)
+    pad = torch.tensor([0, 7], device=DEV)
+    rope_pos = (pos.view(1, 1).expand(B, 1) - pad.view(B, 1)).clamp(min=0)
+    outs = []
+    for fused in (True, False):
+        t = qkv.clone()
+        q = t[..., :H * D].view(B, 1, H, D)
+        k = t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
+        v = t[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+        kcc, vcc = kc.clone(), vc.clone()
+        if fused:
+            q = gpu.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)
+            o = gpu.decode_attention(q, kcc, vcc, pos, 256, pad)
+        else:
+            q = rope_kv_write_ref(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)
+            o = decode_attention_ref(q, kcc, vcc, pos, 256, pad)
+        outs.append((o.float(), kcc, vcc))
+    assert torch.equal(outs[0][2], outs[1][2])
+    assert rel_err(outs[0][1], outs[1][1].float()) < ELEM_TOL
+    assert rel_err(outs[0][0], outs[1][0]) < ELEM_TOL

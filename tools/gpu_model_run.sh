@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the model level: GPU tests, then benchmark.py -p on the embedded model and on
 # random-weight GPTQ checkpoints of Llama-2 shapes. Logs and a summary go to $OUT.
-#   bash tools/gpu_model_run.sh [shapes...]     (default: 7b)
+#   bash tools/gpu_model_run.sh [shapes...]     (default: 7b; "none": no random checkpoint)
+# BASELINE=0 skips the second benchmark (fused decode kernels on, EXLLAMA_FUSED_*=1) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_model_out}
@@ -26,13 +27,18 @@ HAVE_EMBEDDED=$($PY -c "from model.embedded import embedded_gguf_path as p; p();
 $PY -c "from cuda_ext import build; build.load(); print('extension ok')" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
 
 TESTS=tests/test_kernels.py
+[ -n "${SKIP_KERNEL_TESTS:-}" ] && TESTS=""
 [ -n "$HAVE_EMBEDDED" ] && TESTS="$TESTS tests/test_gpu_model.py"
 echo "== GPU tests: $TESTS" | tee -a "$OUT/summary.txt"
 timeout 400 $PY -m pytest -q -p no:cacheprovider $TESTS -s 2>&1 \
-  | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|Error" | tee -a "$OUT/summary.txt"
+  | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|rel err vs CPU|Error" | tee -a "$OUT/summary.txt"
 if [ -n "$HAVE_EMBEDDED" ]; then
   echo "== embedded model" | tee -a "$OUT/summary.txt"
   timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  if [ "${BASELINE:-1}" = 1 ]; then
+    echo "== embedded model, fused decode (EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1)" | tee -a "$OUT/summary.txt"
+    EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1 timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  fi
   timeout 120 $PY benchmark.py -ppl 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 fi
 
@@ -41,4 +47,8 @@ for s in $SHAPES; do
   [ -d $d ] || $PY tools/make_random_gptq.py -o $d --shape $s > /dev/null
   echo "== $s g128" | tee -a "$OUT/summary.txt"
   timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  if [ "${BASELINE:-1}" = 1 ]; then
+    echo "== $s g128, fused decode (EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1)" | tee -a "$OUT/summary.txt"
+    EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  fi
 done

@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           "out[M, N] = x[M, K][:, perm] @ dequant(qweight, scales, offsets) + bias + residual, M <= 8",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"),
           py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("tn") = 0, py::arg("splits") = 0,
-          py::arg("variant") = -1, py::arg("pdl") = -1);
+          py::arg("variant") = -1, py::arg("pdl") = -1, py::arg("norm_weight") = py::none(),
+          py::arg("norm_eps") = 0.0, py::arg("silu_up") = false);
     m.def("q4_gemm_plan", &q4_gemm_plan_info,
           "[tn, splits, rows_per_split, rows_per_trow, variant, tiles, smem_bytes] the kernel would use",
           py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("tn") = 0,
@@ -31,6 +32,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     // rotary
     m.def("rotary_", &rotary_, "in-place rotate-half rotary embedding at device positions", py::arg("x"),
           py::arg("cos"), py::arg("sin"), py::arg("positions"));
+
+    // decode step
+    m.def("rope_kv_write", &rope_kv_write,
+          "rotate q in place, rotate k and store k, v at cache slot[0] (T = 1)", py::arg("q"), py::arg("k"),
+          py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("slot"), py::arg("k_cache"),
+          py::arg("v_cache"));
+    m.def("decode_attention", &decode_attention,
+          "single-query GQA attention over cache keys [pad[b], pos] within [0, kv_len)", py::arg("q"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pad"), py::arg("kv_len"), py::arg("out"),
+          py::arg("splits") = 0);
+    m.def("decode_attention_plan", &decode_attention_plan, "[splits, chunk, smem_bytes]", py::arg("B"),
+          py::arg("Hkv"), py::arg("G"), py::arg("D"), py::arg("kv_len"), py::arg("device"), py::arg("splits") = 0);
 
     // activations
     m.def("silu_mul", &silu_mul, "out = silu(gate) * up", py::arg("gate"), py::arg("up"), py::arg("out"));

@@ -9,7 +9,8 @@
 void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl);
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up);
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
                                        int64_t tn, int64_t splits, int64_t variant);
 std::string q4_gemm_variant_name_py(int64_t M, int64_t variant);
@@ -24,6 +25,16 @@ void add_rms_norm(torch::Tensor& residual, const torch::Tensor& x, const torch::
 
 // rotary (ops_rotary.cpp)
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& positions);
+
+// decode step (ops_decode.cpp)
+void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
+                   const torch::Tensor& sin, const torch::Tensor& positions, const torch::Tensor& slot,
+                   torch::Tensor& k_cache, torch::Tensor& v_cache);
+void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
+                      torch::Tensor& out, int64_t splits);
+std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t kv_len,
+                                           int64_t device, int64_t splits);
 
 // activations (ops_act.cpp)
 void silu_mul(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor& out);

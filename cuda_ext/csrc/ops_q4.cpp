@@ -118,7 +118,8 @@ int resolve_pdl(int64_t pdl, int device, int64_t K, int64_t N)
 void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl)
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
@@ -127,7 +128,23 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
     EXL_CHECK_CONTIG(x);
     EXL_CHECK_SAME_DEVICE(x, qweight);
     EXL_CHECK_ALIGNED(x, 16);
-    EXL_CHECK_SIZE(x, 1, K);
+    EXL_CHECK(!(silu_up && norm_weight.has_value()), "q4_gemm_small: norm_weight and silu_up cannot be combined");
+    if (silu_up)
+    {
+        EXL_CHECK(x.size(1) == 2 * K, "with silu_up, x must be [M, 2K] = gate|up with K=", K, " (got shape ",
+                  x.sizes(), ")");
+    }
+    else
+    {
+        EXL_CHECK_SIZE(x, 1, K);
+    }
+    if (norm_weight.has_value())
+    {
+        EXL_CHECK_DTYPE((*norm_weight), torch::kFloat32);
+        EXL_CHECK_CONTIG((*norm_weight));
+        EXL_CHECK_SAME_DEVICE((*norm_weight), qweight);
+        EXL_CHECK(norm_weight->numel() == K, "norm_weight must have K=", K, " elements (got ", norm_weight->sizes(), ")");
+    }
     const int64_t M = x.size(0);
     EXL_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "q4_gemm_small takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
     EXL_CHECK_DTYPE(out, torch::kFloat16);
@@ -177,6 +194,10 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
     a.bias = bias.has_value() ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr;
     a.residual = residual.has_value() ? reinterpret_cast<const half*>(residual->data_ptr<at::Half>()) : nullptr;
     a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+    a.x_stride = (int)x.size(1);
+    a.norm_w = norm_weight.has_value() ? norm_weight->data_ptr<float>() : nullptr;
+    a.norm_eps = (float)norm_eps;
+    a.x_up = silu_up ? a.x + K : nullptr;
     a.M = (int)M;
     a.K = (int)K;
     a.N = (int)N;

@@ -39,6 +39,12 @@ struct Q4GemmArgs
     float* workspace;          // [splits, M, N] when splits > 1
     int* counters;             // >= tiles ints, zero between launches (kernels leave them zero)
     int M, K, N, groups, gpr;  // gpr: packed rows per group = (K / groups) / 8
+    // Fused prologues (decode): x is transformed while it is staged, rounded to fp16 as the separate
+    // kernel would have stored it. x_stride: elements between rows of x (0: K).
+    int x_stride;
+    const float* norm_w;       // [K] or null: x <- rms_norm(x row over all K, norm_eps) * norm_w
+    float norm_eps;
+    const half* x_up;          // [M, x_stride] or null: x <- silu(x) * x_up (rows like x)
 };
 
 // tn / splits = 0 and variant < 0 pick automatically. pdl: 0 off, 1 / 2 as above (sm_90+ only).

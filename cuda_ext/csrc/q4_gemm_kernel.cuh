@@ -211,23 +211,64 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
     pdl_wait();                               // x, residual, out, workspace: only from here on
 
+    const int xstride = a.x_stride > 0 ? a.x_stride : K;
+    // Fused RMSNorm: every block needs the whole row's sum of squares (x rows are short: 2-8 KB).
+    __shared__ float norm_scratch[32];
+    __shared__ float norm_inv[M];
+    if (a.norm_w)
+    {
+        #pragma unroll 1
+        for (int m = 0; m < M; ++m)
+        {
+            const half* xr = a.x + (size_t)m * xstride;
+            float ss = 0.f;
+            for (int c = tid; c < Kp; c += Q4_THREADS)
+            {
+                const uint4 raw = *reinterpret_cast<const uint4*>(xr + c * 8);
+                const half2* h = reinterpret_cast<const half2*>(&raw);
+                #pragma unroll
+                for (int j = 0; j < 4; ++j)
+                {
+                    const float2 f = __half22float2(h[j]);
+                    ss = fmaf(f.x, f.x, ss);
+                    ss = fmaf(f.y, f.y, ss);
+                }
+            }
+            const float total = block_sum(ss, norm_scratch);
+            if (tid == 0) norm_inv[m] = rsqrtf(total / (float)K + a.norm_eps);
+        }
+        __syncthreads();
+    }
+
     // Stage x[:, block's K range] into shared memory as fp32, with per-packed-row sums.
     for (int item = tid; item < M * nrows; item += Q4_THREADS)
     {
         const int m = item / nrows;
         const int r = item - m * nrows;
         const int k0 = (pb0 + r) * 8;
-        const half* xr = a.x + (size_t)m * K;
+        const half* xr = a.x + (size_t)m * xstride;
+        const half* ur = a.x_up ? a.x_up + (size_t)m * xstride : nullptr;
         float v[8];
+        int kidx[8];
         if (a.perm32)
         {
             #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __half2float(xr[a.perm32[k0 + j]]);
+            for (int j = 0; j < 8; ++j) kidx[j] = a.perm32[k0 + j];
         }
         else if (a.perm64)
         {
             #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __half2float(xr[a.perm64[k0 + j]]);
+            for (int j = 0; j < 8; ++j) kidx[j] = (int)a.perm64[k0 + j];
+        }
+        else
+        {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) kidx[j] = k0 + j;
+        }
+        if (a.perm32 || a.perm64)
+        {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = __half2float(xr[kidx[j]]);
         }
         else
         {
@@ -239,6 +280,23 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
                 const float2 f = __half22float2(h[j]);
                 v[2 * j] = f.x;
                 v[2 * j + 1] = f.y;
+            }
+        }
+        if (a.norm_w)
+        {
+            // As rms_norm stores it: (x * inv) * w in fp32, rounded to fp16.
+            const float inv = norm_inv[m];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = __half2float(__float2half_rn(v[j] * inv * __ldg(a.norm_w + kidx[j])));
+        }
+        else if (ur)
+        {
+            // As silu_mul stores it: g / (1 + exp(-g)) * u in fp32, rounded to fp16.
+            #pragma unroll
+            for (int j = 0; j < 8; ++j)
+            {
+                const float u = __half2float(ur[kidx[j]]);
+                v[j] = __half2float(__float2half_rn(v[j] / (1.0f + __expf(-v[j])) * u));
             }
         }
         float sum = 0.f;

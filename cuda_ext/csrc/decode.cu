@@ -1,0 +1,418 @@
+// Decode-step attention kernels; see decode.cuh.
+#include "decode.cuh"
+#include "common.cuh"
+
+#include <algorithm>
+#include <math_constants.h>
+
+// ---- rope_kv_write ------------------------------------------------------------------------
+// One thread per (b, head of q|k|v, i < D/2). q and k heads rotate elements i and i + D/2
+// (rotate-half, as rotary.cu: fp32 math, one fp16 rounding); k goes to the cache rotated, v as is.
+template <typename PT>
+__global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
+                                     const half* v, int64_t vsb, int64_t vsh, int H, int Hkv, int d,
+                                     const float* __restrict__ cosv, const float* __restrict__ sinv, int max_pos,
+                                     const PT* __restrict__ positions, int64_t psb, const int64_t* __restrict__ slot,
+                                     half* kc, half* vc, int S, int total)
+{
+    pdl_wait();
+    pdl_trigger();
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int i = idx % d;
+    const int r = idx / d;
+    const int NH = H + 2 * Hkv;
+    const int hh = r % NH;
+    const int b = r / NH;
+    const int D = 2 * d;
+
+    const long long p = (long long)positions[b * psb];
+    const bool rot = p >= 0 && p < max_pos;
+    float c = 1.f, s = 0.f;
+    if (rot && hh < H + Hkv)
+    {
+        c = __ldg(cosv + p * d + i);
+        s = __ldg(sinv + p * d + i);
+    }
+    if (hh < H)
+    {
+        if (!rot) return;
+        half* base = q + b * qsb + hh * qsh;
+        const float x1 = __half2float(base[i]);
+        const float x2 = __half2float(base[i + d]);
+        base[i] = __float2half_rn(x1 * c - x2 * s);
+        base[i + d] = __float2half_rn(x2 * c + x1 * s);
+        return;
+    }
+    const long long sl = slot[0];
+    if (sl < 0 || sl >= S) return;
+    if (hh < H + Hkv)
+    {
+        const int h = hh - H;
+        const half* src = k + b * ksb + h * ksh;
+        half* dst = kc + (((size_t)b * Hkv + h) * S + sl) * D;
+        const float x1 = __half2float(src[i]);
+        const float x2 = __half2float(src[i + d]);
+        dst[i] = rot ? __float2half_rn(x1 * c - x2 * s) : src[i];
+        dst[i + d] = rot ? __float2half_rn(x2 * c + x1 * s) : src[i + d];
+    }
+    else
+    {
+        const int h = hh - H - Hkv;
+        const half* src = v + b * vsb + h * vsh;
+        half* dst = vc + (((size_t)b * Hkv + h) * S + sl) * D;
+        dst[i] = src[i];
+        dst[i + d] = src[i + d];
+    }
+}
+
+cudaError_t rope_kv_write_launch(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
+                                 const half* v, int64_t vsb, int64_t vsh, int B, int H, int Hkv, int D,
+                                 const float* cos, const float* sin, int max_pos, const void* positions,
+                                 bool pos_is64, int64_t psb, const int64_t* slot, half* k_cache, half* v_cache,
+                                 int S, bool pdl, cudaStream_t stream)
+{
+    const int d = D / 2;
+    const int total = B * (H + 2 * Hkv) * d;
+    if (total == 0) return cudaSuccess;
+    const int threads = 256;
+    const unsigned blocks = (unsigned)EXL_DIV_UP(total, threads);
+    if (pos_is64)
+        return launch_kernel(rope_kv_write_kernel<int64_t>, dim3(blocks), dim3(threads), 0, stream, pdl, q, qsb, qsh,
+                             k, ksb, ksh, v, vsb, vsh, H, Hkv, d, cos, sin, max_pos,
+                             static_cast<const int64_t*>(positions), psb, slot, k_cache, v_cache, S, total);
+    return launch_kernel(rope_kv_write_kernel<int32_t>, dim3(blocks), dim3(threads), 0, stream, pdl, q, qsb, qsh,
+                         k, ksb, ksh, v, vsb, vsh, H, Hkv, d, cos, sin, max_pos,
+                         static_cast<const int32_t*>(positions), psb, slot, k_cache, v_cache, S, total);
+}
+
+// ---- decode_attention ---------------------------------------------------------------------
+// Block (b, kv head, split): keys [split * chunk, + chunk) clipped to the valid range [lo, hi).
+// A key row (D halves) is read by L = D / 8 lanes, 16 bytes each; a warp covers 32 / L keys a step.
+// Pass 1: scores (log2 domain) of the G query heads into shared memory; pass 2: per-head max and
+// exp2 sums (one warp per head); pass 3: p @ V into registers, reduced over the warp's key groups
+// and then the warps. One split: normalised output. Several: unnormalised partials (and max, sum)
+// to a workspace; the last block of the (b, kv head) combines them in split order.
+namespace attn {
+
+constexpr int UNR = 4;     // key rows in flight per lane
+
+__device__ __forceinline__ uint4 ld_stream(const half* p)
+{
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void h8(const uint4& raw, float (&v)[8])
+{
+    const half2* h = reinterpret_cast<const half2*>(&raw);
+    #pragma unroll
+    for (int j = 0; j < 4; ++j)
+    {
+        const float2 f = __half22float2(h[j]);
+        v[2 * j] = f.x;
+        v[2 * j + 1] = f.y;
+    }
+}
+
+template <int D, int G>
+__global__ void __launch_bounds__(ATT_THREADS)
+decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const half* __restrict__ kc,
+                   const half* __restrict__ vc, int S, int Hkv, const int64_t* __restrict__ pos,
+                   const int64_t* __restrict__ pad, int kv_len, int chunk, float scale_log2,
+                   half* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters)
+{
+    constexpr int L = D / 8;
+    constexpr int KPW = 32 / L;
+    constexpr int NW = ATT_THREADS / 32;
+    constexpr int KPB = NW * KPW;
+    extern __shared__ float4 att_smem4[];
+    float* sm = reinterpret_cast<float*>(att_smem4);
+    __shared__ float s_m[G], s_l[G];
+    __shared__ int is_last;
+
+    const int bk = blockIdx.x;
+    const int b = bk / Hkv;
+    const int kvh = bk - b * Hkv;
+    const int split = blockIdx.y;
+    const int splits = gridDim.y;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int li = lane % L;
+    const int ki = lane / L;
+
+    pdl_wait();
+    pdl_trigger();
+
+    const int p = (int)pos[0];
+    const int lo = pad ? (int)pad[b] : 0;
+    const int hi = min(p + 1, kv_len);
+    const int e0 = max(split * chunk, lo);
+    const int e1 = min(split * chunk + chunk, hi);
+    const int n = e1 - e0;
+
+    float qr[G][8];
+    #pragma unroll
+    for (int g = 0; g < G; ++g)
+    {
+        const half* qp = q + b * qsb + (int64_t)(kvh * G + g) * qsh + li * 8;
+        h8(*reinterpret_cast<const uint4*>(qp), qr[g]);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) qr[g][e] *= scale_log2;
+    }
+
+    const size_t head_off = ((size_t)b * Hkv + kvh) * (size_t)S * D + li * 8;
+    const half* kb = kc + head_off;
+    const half* vb = vc + head_off;
+    float* sc = sm;                                     // [G][chunk]
+
+    // Pass 1: scores.
+    for (int jb = e0 + warp * KPW; jb < e1; jb += KPB * UNR)
+    {
+        uint4 raw[UNR];
+        #pragma unroll
+        for (int u = 0; u < UNR; ++u)
+        {
+            const int j = jb + u * KPB + ki;
+            raw[u] = j < e1 ? ld_stream(kb + (size_t)j * D) : make_uint4(0, 0, 0, 0);
+        }
+        #pragma unroll
+        for (int u = 0; u < UNR; ++u)
+        {
+            const int j = jb + u * KPB + ki;
+            float kv[8];
+            h8(raw[u], kv);
+            #pragma unroll
+            for (int g = 0; g < G; ++g)
+            {
+                float dsum = 0.f;
+                #pragma unroll
+                for (int e = 0; e < 8; ++e) dsum = fmaf(qr[g][e], kv[e], dsum);
+                #pragma unroll
+                for (int off = L / 2; off > 0; off >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, off);
+                if (j < e1 && li == 0) sc[g * chunk + (j - e0)] = dsum;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Pass 2: softmax numerators in place, per-head max and sum.
+    for (int g = warp; g < G; g += NW)
+    {
+        float m = -CUDART_INF_F;
+        for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[g * chunk + i]);
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        float l = 0.f;
+        for (int i = lane; i < n; i += 32)
+        {
+            const float e = exp2f(sc[g * chunk + i] - m);
+            sc[g * chunk + i] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0)
+        {
+            s_m[g] = m;
+            s_l[g] = l;
+        }
+    }
+    __syncthreads();
+
+    // Pass 3: p @ V.
+    float acc[G][8];
+    #pragma unroll
+    for (int g = 0; g < G; ++g)
+    {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+    }
+    for (int jb = e0 + warp * KPW; jb < e1; jb += KPB * UNR)
+    {
+        uint4 raw[UNR];
+        #pragma unroll
+        for (int u = 0; u < UNR; ++u)
+        {
+            const int j = jb + u * KPB + ki;
+            raw[u] = j < e1 ? ld_stream(vb + (size_t)j * D) : make_uint4(0, 0, 0, 0);
+        }
+        #pragma unroll
+        for (int u = 0; u < UNR; ++u)
+        {
+            const int j = jb + u * KPB + ki;
+            if (j < e1)
+            {
+                float vv[8];
+                h8(raw[u], vv);
+                #pragma unroll
+                for (int g = 0; g < G; ++g)
+                {
+                    const float w = sc[g * chunk + (j - e0)];
+                    #pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(w, vv[e], acc[g][e]);
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int g = 0; g < G; ++g)
+    {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e)
+        {
+            float t = acc[g][e];
+            #pragma unroll
+            for (int off = L; off < 32; off <<= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+            acc[g][e] = t;
+        }
+    }
+    __syncthreads();                                    // scores dead: reuse shared memory
+    float* red = sm;                                    // [NW][G][D]
+    if (ki == 0)
+    {
+        #pragma unroll
+        for (int g = 0; g < G; ++g)
+        {
+            float4* dst = reinterpret_cast<float4*>(red + (warp * G + g) * D + li * 8);
+            dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+            dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+        }
+    }
+    __syncthreads();
+
+    const int H = Hkv * G;
+    const int bh0 = b * H + kvh * G;                    // first query head (global row of out)
+    for (int item = tid; item < G * D; item += ATT_THREADS)
+    {
+        const int g = item / D;
+        const int dd = item - g * D;
+        float o = 0.f;
+        #pragma unroll
+        for (int w = 0; w < NW; ++w) o += red[(w * G + g) * D + dd];
+        if (splits == 1)
+        {
+            const float l = s_l[g];
+            out[(size_t)(bh0 + g) * D + dd] = __float2half_rn(l > 0.f ? o / l : 0.f);
+        }
+        else
+        {
+            ws[((size_t)(bh0 + g) * splits + split) * D + dd] = o;
+        }
+    }
+    if (splits == 1) return;
+
+    const int BH = gridDim.x * G;
+    float* wml = ws + (size_t)BH * splits * D;          // [BH][splits][2] (max, sum)
+    if (tid < G)
+    {
+        wml[((size_t)(bh0 + tid) * splits + split) * 2] = s_m[tid];
+        wml[((size_t)(bh0 + tid) * splits + split) * 2 + 1] = s_l[tid];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+    {
+        const int prev = atomicAdd(counters + bk, 1);
+        is_last = (prev == splits - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int item = tid; item < G * D; item += ATT_THREADS)
+    {
+        const int g = item / D;
+        const int dd = item - g * D;
+        const float* ml = wml + (size_t)(bh0 + g) * splits * 2;
+        float M = -CUDART_INF_F;
+        for (int s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
+        float num = 0.f, den = 0.f;
+        for (int s = 0; s < splits; ++s)
+        {
+            const float ms = __ldcg(ml + 2 * s);
+            if (ms == -CUDART_INF_F) continue;
+            const float f = exp2f(ms - M);
+            num = fmaf(f, __ldcg(ws + ((size_t)(bh0 + g) * splits + s) * D + dd), num);
+            den = fmaf(f, __ldcg(ml + 2 * s + 1), den);
+        }
+        out[(size_t)(bh0 + g) * D + dd] = __float2half_rn(den > 0.f ? num / den : 0.f);
+    }
+    if (tid == 0) counters[bk] = 0;                     // ready for the next launch (and graph replays)
+}
+
+template <int D, int G>
+cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh, const half* kc,
+                        const half* vc, int S, const int64_t* pos, const int64_t* pad, int B, int Hkv,
+                        int kv_len, half* out, float* ws, int* counters, bool pdl, cudaStream_t stream)
+{
+    auto kernel = decode_attn_kernel<D, G>;
+    if (plan.smem > 48 * 1024)
+    {
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem);
+        if (err != cudaSuccess) return err;
+    }
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
+    return launch_kernel(kernel, dim3(B * Hkv, plan.splits), dim3(ATT_THREADS), plan.smem, stream, pdl, q, qsb, qsh,
+                         kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters);
+}
+
+template <int D>
+cudaError_t launch_attn_g(int G, const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
+                          const half* kc, const half* vc, int S, const int64_t* pos, const int64_t* pad, int B,
+                          int Hkv, int kv_len, half* out, float* ws, int* counters, bool pdl, cudaStream_t stream)
+{
+    switch (G)
+    {
+#define ATT_CASE(g) \
+        case g: return launch_attn<D, g>(plan, q, qsb, qsh, kc, vc, S, pos, pad, B, Hkv, kv_len, out, ws, counters, pdl, stream);
+        ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
+#undef ATT_CASE
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace attn
+
+DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, int sm_count, int splits)
+{
+    DecodeAttnPlan p{0, 0, 0};
+    if (B <= 0 || Hkv <= 0 || G < 1 || G > ATT_MAX_G || (D != 64 && D != 128) || kv_len <= 0) return p;
+    if ((long long)B * Hkv > ATT_COUNTERS) return p;
+    const int KPB = (ATT_THREADS / 32) * (32 / (D / 8));
+    const int max_chunk = std::max(KPB, ((46 * 1024) / (G * 4)) / KPB * KPB);   // scores + static smem fit 48 KB
+    if (splits <= 0)
+    {
+        const int target = 2 * std::max(sm_count, 1);
+        splits = std::max(1, EXL_DIV_UP(target, B * Hkv));
+        int chunk = std::max(64, EXL_DIV_UP(kv_len, splits));
+        chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
+        p.chunk = chunk;
+    }
+    else
+    {
+        splits = std::min(splits, kv_len);
+        p.chunk = std::min(EXL_DIV_UP(EXL_DIV_UP(kv_len, splits), KPB) * KPB, max_chunk);
+    }
+    p.splits = EXL_DIV_UP(kv_len, p.chunk);
+    const size_t scores = (size_t)G * p.chunk * 4;
+    const size_t red = (size_t)(ATT_THREADS / 32) * G * D * 4;
+    p.smem = std::max(scores, red);
+    return p;
+}
+
+cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
+                                    const half* k_cache, const half* v_cache, int S, const int64_t* pos,
+                                    const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
+                                    float* workspace, int* counters, bool pdl, cudaStream_t stream)
+{
+    if (plan.splits <= 0) return cudaErrorInvalidValue;
+    if (D == 64)
+        return attn::launch_attn_g<64>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
+                                       workspace, counters, pdl, stream);
+    if (D == 128)
+        return attn::launch_attn_g<128>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
+                                        workspace, counters, pdl, stream);
+    return cudaErrorInvalidValue;
+}

@@ -1,0 +1,38 @@
+// The decode step's attention side (T = 1, positions on the device, CUDA-graph safe):
+//   rope_kv_write     rotate q in place, rotate k and store k and v at the cache slot: one launch
+//                     instead of two rotary kernels and two index_copy_.
+//   decode_attention  single-query GQA attention over the cache, keys [pad[b], pos] inside [0, kv_len),
+//                     fp32 softmax, split over the key length (flash-decoding) with the partials
+//                     combined by the last block of each (batch, kv head), in split order.
+// Launcher API: raw pointers and a stream, no torch types.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cstddef>
+#include <cstdint>
+
+#define ATT_THREADS 128
+#define ATT_MAX_G 8                // query heads per kv head handled by one block
+#define ATT_COUNTERS 65536         // per-device (batch x kv head) counters for the split combine
+
+cudaError_t rope_kv_write_launch(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
+                                 const half* v, int64_t vsb, int64_t vsh, int B, int H, int Hkv, int D,
+                                 const float* cos, const float* sin, int max_pos, const void* positions,
+                                 bool pos_is64, int64_t psb, const int64_t* slot, half* k_cache, half* v_cache,
+                                 int S, bool pdl, cudaStream_t stream);
+
+struct DecodeAttnPlan
+{
+    int splits;       // blocks along the key length
+    int chunk;        // keys per split
+    size_t smem;      // dynamic shared memory per block
+};
+
+// splits <= 0: automatic (about two blocks per multiprocessor). splits == 0 in the result: unsupported.
+DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, int sm_count, int splits);
+
+cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
+                                    const half* k_cache, const half* v_cache, int S, const int64_t* pos,
+                                    const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
+                                    float* workspace, int* counters, bool pdl, cudaStream_t stream);
