@@ -30,7 +30,8 @@ class Services:
 def create_app(config: dict | None = None, engine=None) -> Flask:
     """Build the app. `config` keys: SESSIONS_DIR (default ~/exllama_sessions), PASSWORD (None: no
     login), ALLOW_ANY_HOST (accept any Host header; set when binding beyond loopback), SECRET_KEY
-    (default: kept in the sessions folder), plus any Flask setting. `engine`: a webui.engine.Engine, or
+    (default: kept in the sessions folder), API_ENABLED (serve the OpenAI-compatible /v1 API, default
+    True), API_KEY (None: no key; see webui/openai_api.py), plus any Flask setting. `engine`: a webui.engine.Engine, or
     None to serve sessions without a model."""
     from sessions import SessionStore
 
@@ -45,6 +46,8 @@ def create_app(config: dict | None = None, engine=None) -> Flask:
         PASSWORD=None,
         ALLOW_ANY_HOST=False,
         SECRET_KEY=None,
+        API_ENABLED=True,
+        API_KEY=None,
         MAX_CONTENT_LENGTH=MAX_IMPORT_BYTES + 64 * 1024,
         SESSION_COOKIE_NAME="exllama_webui",
         SESSION_COOKIE_HTTPONLY=True,
@@ -62,5 +65,8 @@ def create_app(config: dict | None = None, engine=None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ws.bp)
+    if app.config["API_ENABLED"]:
+        from . import openai_api
+        openai_api.init_app(app)      # /v1: its own access check instead of the page's
     ws.sock.init_app(app)
     return app

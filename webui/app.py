@@ -2,11 +2,14 @@
 
     python webui/app.py [-d MODEL] [--host 127.0.0.1] [--port 5000] [--sessions-dir ~/exllama_sessions]
                         [--password PW] [--threads 32] [--no-model] [engine options: -l, --device, ...]
+                        [--no-api] [--api-key KEY] [--remote URL [--remote-key KEY] [--remote-model NAME]]
 
 Served by gunicorn (one gthread worker: the model lives in that one process; each open websocket holds
 a thread, so --threads bounds the number of clients). The worker loads the model before it serves
 anything (progress on stderr; loading after the fork keeps CUDA and OpenMP out of the master), then
 prints the URL. Binding beyond loopback requires --password (or EXLLAMA_WEBUI_PASSWORD).
+The OpenAI-compatible API (/v1, docs/api.md) is on unless --no-api; with --remote the chat uses a remote
+OpenAI-compatible server instead of loading a model.
 """
 from __future__ import annotations
 
@@ -39,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "also read from EXLLAMA_WEBUI_PASSWORD)")
     ap.add_argument("--threads", type=int, default=32, help="worker threads = concurrent clients (default 32)")
     ap.add_argument("--no-model", action="store_true", help="serve sessions without loading a model")
+    ap.add_argument("--no-api", action="store_true", help="do not serve the OpenAI-compatible API (/v1)")
+    ap.add_argument("--api-key", default=os.environ.get("EXLLAMA_API_KEY"),
+                    help="require `Authorization: Bearer KEY` on /v1 (also read from EXLLAMA_API_KEY); "
+                         "with --password and no key the API refuses every request")
+    ap.add_argument("--remote", metavar="URL", default=None,
+                    help="use a remote OpenAI-compatible server (e.g. http://127.0.0.1:5000/v1) instead of a model")
+    ap.add_argument("--remote-key", default=os.environ.get("EXLLAMA_REMOTE_KEY"),
+                    help="API key of the remote server (also read from EXLLAMA_REMOTE_KEY)")
+    ap.add_argument("--remote-model", default=None, help="model name on the remote server (default: its first)")
     return ap
 
 
@@ -50,7 +62,13 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error("--threads must be at least 4")
     if not is_loopback(args.host) and not args.password:
         ap.error(f"--host {args.host} is reachable from other machines: set --password (or bind 127.0.0.1)")
-    if not args.no_model:
+    if args.remote:
+        from urllib.parse import urlsplit
+        if args.no_model:
+            ap.error("--remote and --no-model exclude each other")
+        if urlsplit(args.remote).scheme not in ("http", "https") or not urlsplit(args.remote).hostname:
+            ap.error(f"--remote must be an http(s) URL, got {args.remote!r}")
+    elif not args.no_model:
         from model.config import ModelError
         from model.loader import resolve
         try:
@@ -71,7 +89,13 @@ def make_factory(args):
     def factory():
         from webui import create_app
         engine = None
-        if not args.no_model:
+        if args.remote:
+            from webui.remote import RemoteEngine
+            engine = RemoteEngine(args.remote, api_key=args.remote_key, model=args.remote_model)
+            info = engine.info()
+            print(f"Remote model: {info['name']} at {info['remote']} (context {engine.remote_max_seq_len}, "
+                  f"constrained choice {'yes' if info['constrained_choice'] else 'no'})", file=sys.stderr, flush=True)
+        elif not args.no_model:
             from webui.engine import Engine
             print("Loading the model ...", file=sys.stderr, flush=True)
             engine = Engine.from_args(args)
@@ -80,7 +104,8 @@ def make_factory(args):
                   file=sys.stderr, flush=True)
         config = {"SESSIONS_DIR": args.sessions_dir, "PASSWORD": args.password,
                   "ALLOW_ANY_HOST": not is_loopback_host(args.host),
-                  "SESSION_COOKIE_NAME": f"exllama_webui_{args.port}"}
+                  "SESSION_COOKIE_NAME": f"exllama_webui_{args.port}",
+                  "API_ENABLED": not getattr(args, "no_api", False), "API_KEY": getattr(args, "api_key", None)}
         app = create_app(config, engine)
         print(f"Serving at {url_for_bind(args.host, args.port)}", flush=True)
         return app

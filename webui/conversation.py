@@ -153,12 +153,13 @@ def build_prompt(session, path, engine, speaker: str | None, max_new: int, *, pa
         start += 1
     while True:
         text = _render(session, engine, fmt, header, messages[start:], speaker, partial, fixed_in)
-        ids = engine.encode_prompt(text, fmt)
-        if len(ids) <= budget or start >= len(messages) - 1:
+        ids = engine.encode_prompt(text, fmt)       # None: no tokenizer (remote engine), counted approximately
+        n_ids = len(ids) if ids is not None else engine.count(text)
+        if n_ids <= budget or start >= len(messages) - 1:
             break
         start += 1
     return Prompt(text=text, ids=ids, format=fmt, dropped=[m.id for m in messages[:start]], fixed_in=fixed_in,
-                  tokens_used=len(ids), tokens_total=total, reserved=max_new)
+                  tokens_used=n_ids, tokens_total=total, reserved=max_new)
 
 
 # ---- turn order ----------------------------------------------------------------------------------
@@ -187,6 +188,11 @@ def round_robin(session, path) -> str | None:
     return bots[0]
 
 
+def model_order_fallback(session, engine) -> bool:
+    """Turn order "model" without an engine that can choose: round robin instead (say so)."""
+    return session.turn_order == "model" and engine is not None and not getattr(engine, "constrained_choice", True)
+
+
 def next_speaker(session, path, engine, spoken: list[str], first_turn: bool) -> str | None:
     """Who speaks next in this round (None: nobody, the round ends). `spoken`: bots that already
     spoke in this round. `engine` is only used by the "model" order (caller holds the engine)."""
@@ -203,6 +209,10 @@ def next_speaker(session, path, engine, spoken: list[str], first_turn: bool) -> 
             if b != last_author:
                 return b
         return round_robin(session, path)
+    if model_order_fallback(session, engine):
+        # no constrained choice (a remote engine without it): round robin, each bot once per round
+        nxt = round_robin(session, path)
+        return nxt if first_turn or nxt not in spoken else None
     # "model": constrained choice among the bots that have not spoken this round, plus (after the
     # first turn) the users: picking a user ends the round. The first turn always gets a bot.
     bot_options = [b for b in bots if b not in spoken and b != last_author]

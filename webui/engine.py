@@ -183,9 +183,17 @@ class Engine:
                 "dtype": str(dt).replace("torch.", "") if dt is not None else getattr(runtime, "dtype", None),
                 "vocab_size": getattr(self.tokenizer, "vocab_size", None),
                 "chat_template": self.has_chat_template, "busy": self.busy, "queue": self.waiting,
-                "adapters": self.adapters()}
+                "adapters": self.adapters(), "remote": None, "token_count": "exact",
+                "constrained_choice": self.constrained_choice, "notice": None}
+
+    # The engine interface the chat and the API use (webui/remote.py: RemoteEngine is the other one):
+    # join/position/leave/wake/busy/waiting, generate, choose (when constrained_choice), generation_settings,
+    # count, prompt_tokens, encode_prompt (None: no tokenizer, the text goes as it is), defang,
+    # has_chat_template, chat_template, info, adapters, name, max_seq_len.
+    constrained_choice = True      # choose() works (turn order "model")
 
 
 def no_model_info() -> dict:
     return {"name": None, "path": None, "max_seq_len": 0, "device": None, "dtype": None, "vocab_size": None,
-            "chat_template": False, "busy": False, "queue": 0, "adapters": []}
+            "chat_template": False, "busy": False, "queue": 0, "adapters": [], "remote": None,
+            "token_count": None, "constrained_choice": False, "notice": None}

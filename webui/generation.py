@@ -19,6 +19,8 @@ from .protocol import ProtocolError
 
 log = logging.getLogger("webui")
 
+FALLBACK_NOTICE = "turn order \"model\" needs constrained choice, which this engine lacks: round robin was used"
+
 
 @dataclass
 class Plan:
@@ -104,6 +106,9 @@ def round_messages(hub, live, gen, plan: Plan):
             yield hub.state(live, conn)
             turns.append({"message_id": None if discarded else mid, "author": speaker, "finish_reason": reason,
                           "tokens": n_tokens, "tokens_per_s": tps})
+            if not cont and plan.kind == "new" and not (turn == 0 and plan.first) \
+                    and conversation.model_order_fallback(live.session, engine):
+                turns[-1]["notice"] = FALLBACK_NOTICE
             spoken.append(speaker)
             if failure is not None:
                 raise ProtocolError("generation_failed", f"the engine failed: {type(failure).__name__}: "
