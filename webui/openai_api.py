@@ -113,23 +113,7 @@ def gate():
 def init_app(app) -> None:
     """Register the blueprint; /v1 requests get `gate` instead of the page checks (login cookie,
     same-origin POSTs) of `security.before_request`, which stays in force for everything else."""
-    from . import security
-    funcs = app.before_request_funcs.setdefault(None, [])
-
-    def wrap(original):
-        def before_request():
-            if is_api_path(request.path):
-                return gate()
-            return original()
-        before_request.__wrapped__ = original
-        return before_request
-
-    for i, f in enumerate(funcs):
-        if f is security.before_request:
-            funcs[i] = wrap(f)
-            break
-    else:  # no page checks installed: still gate the API
-        funcs.insert(0, wrap(lambda: None))
+    app.extensions["exllama.api_gate"] = (is_api_path, gate)   # read by security.before_request
     app.register_blueprint(bp)
 
 

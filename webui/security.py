@@ -117,6 +117,9 @@ def _is_websocket() -> bool:
 
 def before_request():
     app = current_app
+    applies, api_check = app.extensions.get("exllama.api_gate", (None, None))
+    if applies is not None and applies(request.path):
+        return api_check()   # the API's own rules: keys instead of the login cookie
     if not _host_ok(app):
         return _deny(403, "forbidden", "unexpected Host header")
     unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
