@@ -163,8 +163,9 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
 
     Each point prefills p tokens (timed: the prompt speed at p), then decodes `decode_tokens` at
     context p (the decode speed at p); the first decode point is the empty cache. One decoder serves
-    every point, and each timed decode run is preceded by an untimed run over the same positions, so
-    CUDA-graph captures (one per 256-key bucket) stay out of the timings.
+    every point, and each timed run is preceded by an untimed one of the same shape (prefill) or over
+    the same positions (decode), so one-off costs (kernel selection at a new length, CUDA-graph
+    captures, one per 256-key bucket) stay out of the timings.
     """
     room = length - decode_tokens
     if room < steps:
@@ -192,6 +193,8 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
     ctx, dec = [0], [decode_tps()]
     prompt_len, prompt_tps = [], []
     for p in lens:
+        cache.reset()
+        model(ids[:, :p], cache)                  # untimed: the first call at a new length pays set-up costs
         cache.reset()
         _sync(model)
         t0 = time.perf_counter()

@@ -100,7 +100,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float16) -> dict:
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
+        "rms_norm_eps": float(f"{cfg.rms_norm_eps:.7g}"),   # GGUF keeps it as float32: 1e-5, not 9.99999974e-06
         "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "max_position_embeddings": cfg.max_position_embeddings,
