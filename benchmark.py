@@ -81,11 +81,12 @@ def _decoder(model, cache, graphs: bool, lora=None):
     return lambda ids: model(ids, cache, lora=lora)
 
 
-def decode_speed(model, cache, n: int, graphs: bool, lora=None) -> float:
-    step = _decoder(model, cache, graphs, lora)
+def decode_speed(model, cache, n: int, step) -> float:
+    """Decode tokens/s for n tokens from the cache's current length. An untimed pass over the same
+    positions first keeps one-off costs (graph captures, one per key bucket) out of the timing."""
     ids = torch.randint(0, model.cfg.vocab_size, (1, 1), device=model.device)
     start = cache.length
-    for _ in range(3):           # warm-up (graph capture, allocator)
+    for _ in range(n):
         step(ids)
     cache.truncate(start)
     _sync(model)
@@ -109,10 +110,11 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     _sync(model)
     prompt = prompt_len / (time.perf_counter() - t0)
     cache.reset()
-    best = decode_speed(model, cache, gen, graphs, lora)
+    step = _decoder(model, cache, graphs, lora)
+    best = decode_speed(model, cache, gen, step)
     cache.truncate(0)
     model(ids, cache, lora=lora)                    # fill the context, then decode at its end
-    worst = decode_speed(model, cache, gen, graphs, lora)
+    worst = decode_speed(model, cache, gen, step)
     r = {"prompt_tokens": prompt_len, "prompt_tps": prompt, "best_tps": best, "worst_tps": worst}
     if model.device.type == "cuda":
         r["vram_mb"] = torch.cuda.max_memory_allocated(model.device) / 2**20
@@ -177,20 +179,7 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
     model(ids[:, :min(room, 16)], cache)         # warm-up
     cache.reset()
 
-    def decode_tps() -> float:
-        start = cache.length
-        tok = ids[:, :1]
-        for _ in range(decode_tokens):            # untimed pass over the same positions
-            step(tok)
-        cache.truncate(start)
-        _sync(model)
-        t0 = time.perf_counter()
-        for _ in range(decode_tokens):
-            tok = step(tok)[:, -1].argmax(-1, keepdim=True)
-        _sync(model)
-        return decode_tokens / (time.perf_counter() - t0)
-
-    ctx, dec = [0], [decode_tps()]
+    ctx, dec = [0], [decode_speed(model, cache, decode_tokens, step)]
     prompt_len, prompt_tps = [], []
     for p in lens:
         cache.reset()
@@ -203,7 +192,7 @@ def speed_curve(model, length: int, steps: int = 8, decode_tokens: int = 32, gra
         prompt_len.append(p)
         prompt_tps.append(p / (time.perf_counter() - t0))
         ctx.append(p)
-        dec.append(decode_tps())
+        dec.append(decode_speed(model, cache, decode_tokens, step))
     return {"context": ctx, "decode_tps": dec, "prompt_len": prompt_len, "prompt_tps": prompt_tps}
 
 

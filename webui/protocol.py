@@ -6,12 +6,12 @@ which the caller turns into an `error` message; nothing here raises anything els
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable
 
 from sessions import TURN_ORDERS, TEMPLATES
-from sessions.util import MESSAGE_ID_RE, SESSION_ID_RE, clean_name, clean_text
+from sessions.errors import SessionFormatError
+from sessions.util import MESSAGE_ID_RE, SESSION_ID_RE, clean_name, clean_text, loads_strict
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024          # one client message
@@ -300,19 +300,6 @@ SCHEMAS: dict[str, dict[str, tuple[Callable, bool]]] = {
 GENERATING = frozenset({"chat.send", "chat.generate", "chat.regenerate", "chat.continue", "chat.edit"})
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:40]!r}")
-        out[k] = v
-    return out
-
-
 def peek_id(obj: Any) -> str | None:
     """The request id of a parsed frame if it is well-formed (to address an error), else None."""
     if isinstance(obj, dict):
@@ -327,11 +314,9 @@ def decode_frame(data: Any) -> Any:
     if not isinstance(data, str):
         raise ProtocolError("bad_json", "binary frames are not supported; send JSON text")
     try:
-        obj = json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
-    except RecursionError:
-        raise ProtocolError("bad_json", "JSON nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError is a ValueError
-        raise ProtocolError("bad_json", f"invalid JSON: {str(e)[:200]}") from None
+        obj = loads_strict(data)   # the session files' parser: no NaN, no duplicate keys, bounded nesting
+    except SessionFormatError as e:
+        raise ProtocolError("bad_json", str(e)[:200]) from None
     if len(data.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"message larger than {MAX_FRAME_BYTES} bytes", None,
                             **({"_id": peek_id(obj)} if peek_id(obj) else {}))
