@@ -63,3 +63,16 @@ inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block
     cfg.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
+
+// Eight fp16 values (one 16-byte load) to fp32.
+__device__ __forceinline__ void h8_to_f(const uint4& raw, float (&v)[8])
+{
+    const half2* h = reinterpret_cast<const half2*>(&raw);
+    #pragma unroll
+    for (int j = 0; j < 4; ++j)
+    {
+        const float2 f = __half22float2(h[j]);
+        v[2 * j] = f.x;
+        v[2 * j + 1] = f.y;
+    }
+}

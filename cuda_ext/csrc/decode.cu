@@ -105,18 +105,6 @@ __device__ __forceinline__ uint4 ld_stream(const half* p)
     return r;
 }
 
-__device__ __forceinline__ void h8(const uint4& raw, float (&v)[8])
-{
-    const half2* h = reinterpret_cast<const half2*>(&raw);
-    #pragma unroll
-    for (int j = 0; j < 4; ++j)
-    {
-        const float2 f = __half22float2(h[j]);
-        v[2 * j] = f.x;
-        v[2 * j + 1] = f.y;
-    }
-}
-
 template <int D, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
 decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const half* __restrict__ kc,
@@ -159,7 +147,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
     for (int g = 0; g < G; ++g)
     {
         const half* qp = q + b * qsb + (int64_t)(kvh * G + g) * qsh + li * 8;
-        h8(*reinterpret_cast<const uint4*>(qp), qr[g]);
+        h8_to_f(*reinterpret_cast<const uint4*>(qp), qr[g]);
         #pragma unroll
         for (int e = 0; e < 8; ++e) qr[g][e] *= scale_log2;
     }
@@ -184,7 +172,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
         {
             const int j = jb + u * KPB + ki;
             float kv[8];
-            h8(raw[u], kv);
+            h8_to_f(raw[u], kv);
             #pragma unroll
             for (int g = 0; g < G; ++g)
             {
@@ -246,7 +234,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
             if (j < e1)
             {
                 float vv[8];
-                h8(raw[u], vv);
+                h8_to_f(raw[u], vv);
                 #pragma unroll
                 for (int g = 0; g < G; ++g)
                 {

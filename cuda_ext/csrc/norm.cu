@@ -14,18 +14,6 @@ __device__ __forceinline__ float wload<float>(const float* w, int i) { return __
 template <>
 __device__ __forceinline__ float wload<half>(const half* w, int i) { return __half2float(__ldg(w + i)); }
 
-__device__ __forceinline__ void h8_to_f(const uint4& raw, float (&v)[8])
-{
-    const half2* h = reinterpret_cast<const half2*>(&raw);
-    #pragma unroll
-    for (int j = 0; j < 4; ++j)
-    {
-        const float2 f = __half22float2(h[j]);
-        v[2 * j] = f.x;
-        v[2 * j + 1] = f.y;
-    }
-}
-
 __device__ __forceinline__ uint4 f_to_h8(const float (&v)[8])
 {
     uint4 raw;

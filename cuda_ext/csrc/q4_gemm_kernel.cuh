@@ -272,15 +272,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         }
         else
         {
-            const uint4 raw = *reinterpret_cast<const uint4*>(xr + k0);
-            const half2* h = reinterpret_cast<const half2*>(&raw);
-            #pragma unroll
-            for (int j = 0; j < 4; ++j)
-            {
-                const float2 f = __half22float2(h[j]);
-                v[2 * j] = f.x;
-                v[2 * j + 1] = f.y;
-            }
+            h8_to_f(*reinterpret_cast<const uint4*>(xr + k0), v);
         }
         if (a.norm_w)
         {
