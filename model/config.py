@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,9 @@ class RuntimeConfig:
     keep_q4: bool = False          # CPU: keep 4-bit weights and dequantize per call (4x less memory,
                                    # slower) instead of dense weights; GPUs always keep them
     force_reference: bool = False  # never use the CUDA kernels
+    # Fused decode kernels (model/ops.py Ops); EXLLAMA_FUSED_DECODE=1 / EXLLAMA_FUSED_GEMV=1 turn them on.
+    fused_decode: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_DECODE") == "1")
+    fused_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_GEMV") == "1")
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible
     gpu_split: list[float] | str | None = None   # GB of weights per device, or "auto"
     extra: dict = field(default_factory=dict)

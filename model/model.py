@@ -44,7 +44,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime
-        self.ops = Ops(use_kernels=not runtime.force_reference)
+        self.ops = Ops(use_kernels=not runtime.force_reference, fused_decode=runtime.fused_decode,
+                       fused_gemv=runtime.fused_gemv)
         self.device = runtime.torch_device()          # embeddings and the first layers
         self.dtype = runtime.torch_dtype()
         self.embed_tokens: torch.Tensor | None = None   # [V, D], dense

@@ -5,21 +5,12 @@ what runs on CPUs. `Ops(use_kernels=False)` forces the references everywhere.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .quant import dequantize
 
-# Fused decode kernels (GPU, fp16 only; the references below stay the definition). OFF by default until
-# a GPU run passes tests/test_gpu_model.py with them on (docs/performance.md, "decode-step fusion"):
-#   EXLLAMA_FUSED_DECODE=1  the static decode step uses rope_kv_write + decode_attention instead of
-#                           rotary + index_copy_ + SDPA with a mask;
-#   EXLLAMA_FUSED_GEMV=1    rms_norm (before q|k|v, gate|up, lm_head) and silu_mul (before down) run in the
-#                           q4 GEMV's prologue instead of as their own kernels.
-FUSED_DECODE = os.environ.get("EXLLAMA_FUSED_DECODE", "0") == "1"
-FUSED_GEMV = os.environ.get("EXLLAMA_FUSED_GEMV", "0") == "1"
 
 
 # ---- references -------------------------------------------------------------------------
@@ -77,11 +68,17 @@ def decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad=None):
 # ---- dispatch ---------------------------------------------------------------------------
 
 class Ops:
-    """Per-model dispatcher; `use_kernels` comes from RuntimeConfig (force_reference turns it off)."""
+    """Per-model dispatcher, set from RuntimeConfig: `use_kernels` (force_reference turns it off) and
+    the fused decode kernels (GPU, fp16 only; off by default until a GPU run passes
+    tests/test_gpu_model.py with them on, see docs/performance.md "decode-step fusion"):
+    fused_decode: the static decode step uses rope_kv_write + decode_attention instead of
+    rotary + index_copy_ + SDPA with a mask; fused_gemv: rms_norm (before q|k|v, gate|up, lm_head) and
+    silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels."""
 
-    def __init__(self, use_kernels: bool = True):
+    def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False):
         self._ext = None
         self.use_kernels = use_kernels
+        self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""
@@ -107,7 +104,7 @@ class Ops:
 
     def fused_decode_ok(self, x, cfg) -> bool:
         """Whether the static decode step can use rope_kv_write + decode_attention for x's device."""
-        if not (FUSED_DECODE and x.dtype == torch.float16 and self.kernels_for(x)):
+        if not (self.fused_decode and x.dtype == torch.float16 and self.kernels_for(x)):
             return False
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         return D in (64, 128) and H % Hkv == 0 and H // Hkv <= 8
@@ -115,14 +112,14 @@ class Ops:
     def rope_kv_write(self, q, k, v, cos, sin, pos, slot, k_cache, v_cache):
         """Decode (T = 1): rotate q (in place where possible) and k, write k and v at slot; returns q."""
         kern = self.kernels_for(q)
-        if kern and FUSED_DECODE and q.dtype == torch.float16 and q.shape[1] == 1 and k_cache.dtype == q.dtype:
+        if kern and self.fused_decode and q.dtype == torch.float16 and q.shape[1] == 1 and k_cache.dtype == q.dtype:
             return kern.rope_kv_write(q, k, v, cos, sin, pos, slot, k_cache, v_cache)
         return rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=self.rotary)
 
     def decode_attention(self, q, k_cache, v_cache, pos, kv_len, pad=None):
         """Decode (T = 1) attention over the cache, keys pad[b] <= j <= pos[0], j < kv_len: [B, 1, H, D]."""
         kern = self.kernels_for(q)
-        if kern and FUSED_DECODE and kern.decode_attention_supported(q, k_cache):
+        if kern and self.fused_decode and kern.decode_attention_supported(q, k_cache):
             return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
         return decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad)
 
@@ -135,7 +132,7 @@ class Ops:
         k = self.kernels_for(x)
         if norm is not None or silu:
             rows = x.numel() // max(x.shape[-1], 1)
-            if (k and FUSED_GEMV and x.dtype == torch.float16 and 1 <= rows <= 8 and qweight.shape[1] % 4 == 0
+            if (k and self.fused_gemv and x.dtype == torch.float16 and 1 <= rows <= 8 and qweight.shape[1] % 4 == 0
                     and x.shape[-1] % 8 == 0 and x.is_contiguous()):
                 x2 = x.reshape(rows, x.shape[-1])
                 nw, eps = norm if norm is not None else (None, 0.0)
