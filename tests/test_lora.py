@@ -121,3 +121,34 @@ def test_missing_adapter_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="adapter_config.json missing"):
         load_lora(ours, tmp_path / "empty")
+
+
+def test_generator_switches_adapters_on_one_cache(tmp_path, embedded_fp32):
+    """An adapter change invalidates the reused prefix; each output equals a fresh generator's."""
+    from model.generator import GenerationSettings, Generator
+    from model.sampler import SamplerSettings
+    from tools.bench_lora import write_adapter
+    model, tok = embedded_fp32
+    name = load_lora(model, write_adapter(model, tmp_path / "rand", rank=8, std=0.05), "rand-test")
+    try:
+        prompt = "The old castle on the hill was"
+        n_prompt = len(tok.encode(prompt))
+
+        def settings(lora):
+            return GenerationSettings(sampler=SamplerSettings.greedy(), max_new_tokens=8, lora=lora)
+
+        fresh = {lora: Generator(model, tok).complete(prompt, settings(lora)) for lora in (None, name)}
+        assert fresh[None] != fresh[name]                      # the adapter really changes the output
+        gen = Generator(model, tok)
+        for lora in (None, name, name, None):
+            again = gen.complete(prompt, settings(lora))
+            assert again == fresh[lora]
+        # Same adapter as last time: the prompt comes from the cache; another adapter: all of it again.
+        gen.complete(prompt, settings(None))
+        assert gen.last_reused_tokens > 0
+        gen.complete(prompt, settings(name))
+        assert gen.last_reused_tokens == 0 and gen.last_prefill_tokens == n_prompt
+        gen.complete(prompt, settings(name))
+        assert gen.last_reused_tokens > 0
+    finally:
+        unload_lora(model, name)

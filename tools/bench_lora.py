@@ -25,7 +25,8 @@ from model.loader import load  # noqa: E402
 from model.lora import TARGETS, load_lora  # noqa: E402
 
 
-def write_adapter(model, folder: Path, rank: int, seed: int = 0) -> Path:
+def write_adapter(model, folder: Path, rank: int, seed: int = 0, std: float = 0.01) -> Path:
+    """A random PEFT-format LoRA adapter for `model` (all seven projections of every layer)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for i, layer in enumerate(model.layers):
@@ -35,8 +36,8 @@ def write_adapter(model, folder: Path, rank: int, seed: int = 0) -> Path:
                 if lin is None:
                     continue
                 p = f"base_model.model.model.layers.{i}.{block}.{name}"
-                tensors[f"{p}.lora_A.weight"] = torch.randn(rank, lin.in_features, generator=g) * 0.01
-                tensors[f"{p}.lora_B.weight"] = torch.randn(lin.out_features, rank, generator=g) * 0.01
+                tensors[f"{p}.lora_A.weight"] = torch.randn(rank, lin.in_features, generator=g) * std
+                tensors[f"{p}.lora_B.weight"] = torch.randn(lin.out_features, rank, generator=g) * std
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(
