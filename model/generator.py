@@ -221,6 +221,13 @@ class Generator:
         self.last_dropped_tokens = 0     # prompt tokens dropped to fit the context
         self.last_finish_reason: str | None = None
         self.last_batch_finish_reasons: list[str] = []
+        # On GPUs single-token steps replay a captured CUDA graph (model/graph.py): host overhead,
+        # not the GPU, is what limits eager decoding there.
+        self._graph = None
+        runtime = getattr(model, "runtime", None)
+        if getattr(getattr(model, "device", None), "type", None) == "cuda" and getattr(runtime, "cuda_graph", False):
+            from .graph import GraphDecoder
+            self._graph = GraphDecoder(model, self.cache)
 
     # -- cache ------------------------------------------------------------------------------
 
@@ -271,7 +278,10 @@ class Generator:
     def _forward(self, tokens: list[int], lora: str | None) -> torch.Tensor:
         """Feed tokens (batch 1) at the end of the cache -> logits [1, V] of the last one."""
         x = torch.tensor([tokens], dtype=torch.long)
-        logits = self.model(x, self.cache, last_only=True, lora=lora)
+        if self._graph is not None and len(tokens) == 1:
+            logits = self._graph(x, lora=lora)
+        else:
+            logits = self.model(x, self.cache, last_only=True, lora=lora)
         self.ids.extend(tokens)
         return logits[:, -1]
 
