@@ -11,6 +11,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 BOTCHAN = ROOT / "data" / "botchan.txt"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on a busy 2-core box: a parallel op can wait a whole scheduler quantum (~10 ms),
+    so modules of many small ops run on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def botchan_text() -> str:
     if not BOTCHAN.is_file():

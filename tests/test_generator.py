@@ -22,13 +22,7 @@ GREEDY = SamplerSettings.greedy()
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 135M model on a busy 2-core box: one thread avoids waiting a scheduler quantum per op."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

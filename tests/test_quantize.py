@@ -46,13 +46,7 @@ def write_tiny_tokenizer(folder: Path):
         "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a CPU shared with other jobs (thread hand-offs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ INF = float("inf")
 TIGHT = dict(rtol=0, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The sampler's tensors are small; on a busy 2-core box a parallel op can wait a whole scheduler
-    quantum (~10 ms), which would make the 1000-step mirostat test take tens of seconds."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_of(*probs):
