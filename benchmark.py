@@ -117,7 +117,11 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     worst = decode_speed(model, cache, gen, step)
     r = {"prompt_tokens": prompt_len, "prompt_tps": prompt, "best_tps": best, "worst_tps": worst}
     if model.device.type == "cuda":
-        r["vram_mb"] = torch.cuda.max_memory_allocated(model.device) / 2**20
+        devs = sorted({d.index or 0 for d in model.layer_devices} | {model.device.index or 0})
+        per = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in devs}
+        r["vram_mb"] = sum(per.values())
+        if len(per) > 1:
+            r["vram_per_device_mb"] = per
     return r
 
 
@@ -280,6 +284,11 @@ def main(argv=None):
     model, tokenizer, adapters = load_from_args(args, tokenizer=need_text)
     lora = adapters[0] if adapters else None
     result = describe(model)
+    if model.device.type == "cuda":
+        # what the weights hold once loaded, and the peak while loading (the run's peak is "VRAM")
+        devs = sorted({d.index or 0 for d in model.layer_devices} | {model.device.index or 0})
+        result["vram_weights_mb"] = sum(torch.cuda.memory_allocated(d) for d in devs) / 2**20
+        result["vram_load_peak_mb"] = sum(torch.cuda.max_memory_allocated(d) for d in devs) / 2**20
     result["seq_len"] = args.length
     if args.speed:
         result.update(speed(model, args.length, graphs=not args.no_graphs, lora=lora))
@@ -287,7 +296,10 @@ def main(argv=None):
         print(f"decode best (empty cache): {result['best_tps']:.1f} t/s")
         print(f"decode worst (at {args.length} tokens): {result['worst_tps']:.1f} t/s")
         if "vram_mb" in result:
-            print(f"VRAM: {result['vram_mb']:.0f} MB")
+            print(f"VRAM: {result['vram_mb']:.0f} MB (peak allocated; weights {result['vram_weights_mb']:.0f} MB, "
+                  f"peak while loading {result['vram_load_peak_mb']:.0f} MB)")
+        for dev, mb in result.get("vram_per_device_mb", {}).items():
+            print(f"  {dev}: {mb:.0f} MB")
     if args.perplexity:
         from model.perplexity import perplexity
         if not args.ppl_text.is_file():

@@ -24,6 +24,7 @@ SOURCES = (
     "ops_rotary.cpp",
     "ops_act.cpp",
     "ops_decode.cpp",
+    "ops_embed.cpp",
     "q4_gemm.cu",
     "q4_gemm_m1.cu",
     "q4_gemm_m2_3.cu",
@@ -34,6 +35,7 @@ SOURCES = (
     "rotary.cu",
     "act.cu",
     "decode.cu",
+    "embed.cu",
 )
 
 CFLAGS = ["-O3"]

@@ -8,7 +8,9 @@ here, so callers need not check. Shapes: `...` is any number of leading dims.
         more rows: q4_dequant to fp16 [K, N] + torch.matmul (cuBLAS).
     q4_gemm_small(x [M <= 8, K], ...) -> [M, N]    the small-M kernel itself (tn/splits/variant for tuning)
     q4_dequant(qweight, scales, offsets, perm=None, *, out=None) -> fp16 [K, N]
-        with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather.
+        with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather;
+        the weights may be column slices (rows contiguous).
+    embed_gather(ids [...] int64 on the GPU, table [V, D] fp16 in pinned host memory) -> [..., D] on the GPU
     rms_norm(x [..., D], weight [D] fp16|fp32, eps, *, out=None) -> [..., D]
     add_rms_norm(residual [..., D], x [..., D], weight, eps, *, out=None) -> out   (residual += x in place)
     rotary_(x [B, T, H, Dh], cos [P, Dh/2] fp32, sin, positions [B, T] | [T] int32|int64 on the device) -> x
@@ -28,6 +30,9 @@ import torch
 from . import build
 
 SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
+# Prompt path: weights are dequantized to fp16 in column slices of at most this many bytes, so the
+# scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
+DEQUANT_CHUNK_BYTES = 32 << 20
 
 
 def _ext():
@@ -118,12 +123,21 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     if 1 <= M <= SMALL_M_MAX and N % 4 == 0:
         y = q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual, out=out2)
     else:
-        w = q4_dequant(qweight, scales, offsets, perm)
-        if bias is not None:
-            y = torch.addmm(bias.to(torch.float16), x2, w, out=out2) if out2 is not None \
-                else torch.addmm(bias.to(torch.float16), x2, w)
-        else:
-            y = torch.matmul(x2, w, out=out2) if out2 is not None else torch.matmul(x2, w)
+        y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
+        width = N if K * N * 2 <= DEQUANT_CHUNK_BYTES else max(128, DEQUANT_CHUNK_BYTES // (2 * K) // 128 * 128)
+        scratch = torch.empty(K * min(width, N), dtype=torch.float16, device=x.device)
+        for c0 in range(0, N, width):
+            c1 = min(N, c0 + width)
+            w = q4_dequant(qweight[:, c0:c1], scales[:, c0:c1], offsets[:, c0:c1], perm,
+                           out=scratch[:K * (c1 - c0)].view(K, c1 - c0))
+            b = bias[c0:c1].to(torch.float16) if bias is not None else None
+            if width >= N:
+                if b is not None:
+                    torch.addmm(b, x2, w, out=y)
+                else:
+                    torch.matmul(x2, w, out=y)
+            else:
+                y[:, c0:c1] = torch.addmm(b, x2, w) if b is not None else x2 @ w
         if residual is not None:
             y += residual.reshape(M, N)
     return out if out is not None else y.reshape(*lead, N)
@@ -237,4 +251,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty((B, 1, H, D), dtype=torch.float16, device=q.device)
     _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits))
+    return out
+
+
+# ---- embeddings -------------------------------------------------------------------------
+
+def embed_gather(ids: torch.Tensor, table: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """table[ids] on ids' GPU, with the fp16 table [V, D] in pinned host memory (no VRAM for it).
+    Graph-safe; ids outside [0, V) give zero rows."""
+    ids = ids.contiguous()
+    if out is None:
+        out = torch.empty((*ids.shape, table.shape[1]), dtype=torch.float16, device=ids.device)
+    _ext().embed_gather(ids.view(-1), table, out)
     return out

@@ -23,15 +23,14 @@ class Attention(nn.Module):
         self.qkv: Linear | None = None      # fused q|k|v on GPUs (model.finalize)
 
     def _qkv(self, x, lora, norm=None):
-        if norm is not None and (self.qkv is None or lora is not None):
-            x, norm = norm(x), None
         if self.qkv is None:
+            if norm is not None:
+                x = norm(x)
             return self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
-        y = self.qkv(x, norm=norm)   # norm (if any) fused into the GEMV on GPUs
-        q, k, v = y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
-        if lora is not None:
-            q, k, v = (t + p.lora_delta(x, lora) for t, p in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj)))
-        return q, k, v
+        # norm fused into the GEMV on GPUs (unless an adapter needs the normed x); adapters of q/k/v
+        # were fused too (model/lora.py)
+        y = self.qkv(x, lora, norm=norm)
+        return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
 
     def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None, norm=None):
         """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual).

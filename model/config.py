@@ -141,9 +141,12 @@ class RuntimeConfig:
     keep_q4: bool = False          # CPU: keep 4-bit weights and dequantize per call (4x less memory,
                                    # slower) instead of dense weights; GPUs always keep them
     force_reference: bool = False  # never use the CUDA kernels
-    # Fused decode kernels (model/ops.py Ops); EXLLAMA_FUSED_DECODE=1 / EXLLAMA_FUSED_GEMV=1 turn them on.
-    fused_decode: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_DECODE") == "1")
-    fused_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_GEMV") == "1")
+    # Fused decode kernels (model/ops.py Ops), on by default; EXLLAMA_FUSED_DECODE=0 / EXLLAMA_FUSED_GEMV=0
+    # turn them off (to compare, or to rule them out).
+    fused_decode: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_DECODE", "1") != "0")
+    fused_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_GEMV", "1") != "0")
+    embed_on_cpu: bool | None = None   # GPUs: the token embedding table in pinned host memory, read by
+                                       # the GPU (no VRAM); None: when the LM head does not share it
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible
     gpu_split: list[float] | str | None = None   # GB of weights per device, or "auto"
     extra: dict = field(default_factory=dict)

@@ -24,6 +24,10 @@ class Linear(nn.Module):
     def quantized(self) -> bool:
         return self.qweight is not None
 
+    @property
+    def device(self) -> torch.device:
+        return (self.qweight if self.quantized else self.weight).device
+
     def set_dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.qweight = self.scales = self.offsets = self.perm = None
@@ -85,14 +89,12 @@ class Linear(nn.Module):
             y = y + self.bias
         if residual is not None:
             y = y + residual
-        return y + self.lora_delta(x, lora) if lora in self.lora else y
-
-    def lora_delta(self, x: torch.Tensor, lora: str | None):
-        """The adapter's low-rank term (x A^T) B^T * scale, or 0 without that adapter."""
-        if lora is None or lora not in self.lora:
-            return 0
-        a, b, scale = self.lora[lora]
-        return (x @ a.t()) @ b.t() * scale
+        if lora in self.lora:
+            # y + scale * (x A^T) B^T: the add and the scale ride on the second GEMM
+            a, b, scale = self.lora[lora]
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            y = torch.addmm(y2, x2 @ a.t(), b.t(), alpha=scale).view(y.shape)
+        return y
 
 
 def fuse(parts: list[Linear]) -> Linear | None:

@@ -20,8 +20,5 @@ class MLP(nn.Module):
         if self.gate_up is None:
             gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
         else:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            if lora is not None:
-                gate = gate + self.gate_proj.lora_delta(x, lora)
-                up = up + self.up_proj.lora_delta(x, lora)
+            gate, up = self.gate_up(x, lora).chunk(2, dim=-1)    # adapters fused too (model/lora.py)
         return self.down_proj(self.ops.silu_mul(gate, up), lora, residual)

@@ -34,9 +34,10 @@ class DecoderLayer(nn.Module):
         # (both fused into the 4-bit kernel on GPUs for a few rows; applied separately otherwise).
         h = self.self_attn(h, rope, pos, cache, start, mask, lora, residual=h, norm=self.input_layernorm)
         m = self.mlp
-        if m.gate_up is not None and lora is None:
-            # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul)
-            return m.down_proj(m.gate_up(h, norm=self.post_attention_layernorm), None, h, silu=True)
+        if m.gate_up is not None:
+            # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul;
+            # Linear applies them separately where an adapter needs the transformed input)
+            return m.down_proj(m.gate_up(h, lora, norm=self.post_attention_layernorm), lora, h, silu=True)
         return m(self.post_attention_layernorm(h), lora, residual=h)
 
 
@@ -68,7 +69,12 @@ class LlamaModel(nn.Module):
         self.layer_devices = self._plan_devices()
         if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
             self.lm_head.set_dense(self.embed_tokens)
-        self.embed_tokens = self.embed_tokens.to(self.device, dt)
+        if self._embed_in_host_memory():
+            # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
+            # graph-safe, unlike a CPU lookup followed by a copy.
+            self.embed_tokens = self.embed_tokens.to("cpu", dt).pin_memory()
+        else:
+            self.embed_tokens = self.embed_tokens.to(self.device, dt)
         for layer, dev in zip(self.layers, self.layer_devices):
             self._place(layer, dev, dt, wdt, dequant)
         self._place(self.norm, self.head_device, dt, wdt, dequant)
@@ -85,6 +91,23 @@ class LlamaModel(nn.Module):
         for dev in set(self.layer_devices) | {self.device}:
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
         return self
+
+    def _embed_in_host_memory(self) -> bool:
+        """The table stays in host memory on GPUs when the LM head does not share it and the kernel
+        that reads it from there is available (RuntimeConfig.embed_on_cpu: None = automatic)."""
+        want = self.runtime.embed_on_cpu
+        if want is False or self.device.type != "cuda" or self.dtype != torch.float16:
+            return False
+        head = self.lm_head
+        tied = (head.weight is None and not head.quantized) or \
+            (head.weight is not None and head.weight.data_ptr() == self.embed_tokens.data_ptr())
+        if tied or self.embed_tokens.shape[1] % 8:
+            return False
+        return bool(self.ops.kernels_for(torch.empty(0, device=self.device)))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states on the first layer's device."""
+        return self.ops.embedding(self.embed_tokens, ids, self.device)
 
     @staticmethod
     def _place(module, dev, dt, wdt, dequant):
@@ -103,13 +126,13 @@ class LlamaModel(nn.Module):
         costs = sp.costs_for(self.cfg, self.runtime.max_seq_len)
         if split == "auto":
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-            plan = sp.plan_auto(n, costs, free, embed_on_cpu=False)
+            plan = sp.plan_auto(n, costs, free, embed_on_cpu=self._embed_in_host_memory())
         else:
             if len(split) > torch.cuda.device_count():
                 raise sp.SplitError(f"gpu split {split} names {len(split)} devices, "
                                     f"but {torch.cuda.device_count()} are visible")
             plan = sp.plan_manual(n, costs, split)
-        for line in sp.describe(plan, costs, max(plan) + 1, embed_on_cpu=False):
+        for line in sp.describe(plan, costs, max(plan) + 1, embed_on_cpu=self._embed_in_host_memory()):
             print(line, file=sys.stderr)
         return [torch.device("cuda", d) for d in plan]
 
@@ -146,7 +169,7 @@ class LlamaModel(nn.Module):
             pad = pad.cpu()
             pos = (pos - pad.unsqueeze(1)).clamp(min=0)
         mask = self._mask(B, T, start, pad)
-        h = self.embed_tokens[input_ids.to(self.device)]
+        h = self.embed(input_ids)
         for dev, first, end in self.segments():
             h = h.to(dev)
             p = pos.to(dev)
@@ -185,7 +208,7 @@ class LlamaModel(nn.Module):
         segs = self.segments()
         dev, first, end = segs[seg]
         B = x.shape[0]
-        h = self.embed_tokens[x] if seg == 0 else x
+        h = self.embed(x) if seg == 0 else x
         rope_pos = pos.view(1, 1).expand(B, 1)
         if pad is not None:
             rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)

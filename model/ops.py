@@ -89,6 +89,19 @@ class Ops:
             self._ext = build.ops_module() if build.is_available() else False
         return self._ext or None
 
+    def embedding(self, table, ids, device):
+        """table[ids] on `device`. A GPU reads a table kept in pinned host memory directly (graph-safe);
+        without the kernel the rows are gathered on the CPU and copied."""
+        if table.device.type == device.type:
+            return table[ids.to(table.device)]
+        if not ids.is_cuda and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < table.shape[0]:
+            raise IndexError(f"token id out of range [0, {table.shape[0]})")
+        ids = ids.to(device)
+        k = self.kernels_for(ids)
+        if k and table.is_pinned() and table.dtype == torch.float16:
+            return k.embed_gather(ids, table)     # ids already on the GPU come from our own sampling
+        return table[ids.cpu()].to(device)
+
     def rms_norm(self, x, weight, eps):
         k = self.kernels_for(x)
         return k.rms_norm(x, weight, eps) if k else rms_norm_ref(x, weight, eps)

@@ -245,6 +245,37 @@ def test_q4_matmul_large_m_bias_residual():
     assert rel_err(y, ref_q4(x, qw, sc, of, perm, bias, res)) < Q4_TOL
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_dequant_column_slice(act_order):
+    """Column slices of a wider weight (the prompt path dequantizes big layers a slice at a time)."""
+    K, N = 1536, 1024
+    qw, sc, of, perm = make_q4(K, N, 64, act_order)
+    full = ops.q4_dequant(qw, sc, of, perm)
+    for c0, c1 in ((0, 256), (128, 640), (896, 1024)):
+        out = poison((K, c1 - c0))
+        ops.q4_dequant(qw[:, c0:c1], sc[:, c0:c1], of[:, c0:c1], perm, out=out)
+        assert torch.equal(out, full[:, c0:c1])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_matmul_prompt_path_in_column_chunks(monkeypatch, act_order):
+    """A weight bigger than the dequant scratch is done in column chunks (last one narrower)."""
+    K, N, M = 1024, 2000, 64
+    qw, sc, of, perm = make_q4(K, N, 128, act_order)
+    x = torch.randn(M, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    res = torch.randn(M, N, device=DEV).half()
+    whole = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res)
+    plain = ops.q4_matmul(x, qw, sc, of, perm)
+    monkeypatch.setattr(ops, "DEQUANT_CHUNK_BYTES", K * 2 * 384)    # 384 columns: 6 chunks, the last 80 wide
+    out = poison((M, N))
+    chunked = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, out=out)
+    # cuBLAS may pick another kernel for a narrower N: equal up to fp16 rounding, not bit for bit
+    assert chunked is out and rel_err(chunked, whole.float()) < 1e-3
+    assert rel_err(ops.q4_matmul(x, qw, sc, of, perm), plain.float()) < 1e-3
+    assert rel_err(whole, ref_q4(x, qw, sc, of, perm, bias, res)) < Q4_TOL
+
+
 def test_q4_matmul_bf16_falls_back():
     K, N = 576, 192
     qw, sc, of, perm = make_q4(K, N, 64, act_order=True)
@@ -584,3 +615,34 @@ def test_model_ops_decode_step_matches_reference():
     assert torch.equal(outs[0][2], outs[1][2])
     assert rel_err(outs[0][1], outs[1][1].float()) < ELEM_TOL
     assert rel_err(outs[0][0], outs[1][0]) < ELEM_TOL
+
+
+# ---- embed_gather ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("V,D", [(32000, 4096), (517, 576), (100, 8)])
+def test_embed_gather_from_pinned_host_memory(V, D):
+    table = torch.randn(V, D).half().pin_memory()
+    ids = torch.randint(0, V, (3, 17), device=DEV)
+    out = ops.embed_gather(ids, table)
+    assert out.is_cuda and out.shape == (3, 17, D)
+    assert torch.equal(out.cpu(), table[ids.cpu()])
+
+
+def test_embed_gather_graph_replay_and_bad_ids():
+    V, D = 1000, 256
+    table = torch.randn(V, D).half().pin_memory()
+    ids = torch.zeros(1, 1, dtype=torch.long, device=DEV)
+    out = ops.embed_gather(ids, table)                 # eager first
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.embed_gather(ids, table)
+    for t in (5, 999, 0, 123):
+        ids.fill_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0, 0].cpu(), table[t])
+    bad = ops.embed_gather(torch.tensor([-1, V, 3], device=DEV), table)
+    assert torch.equal(bad[:2].cpu(), torch.zeros(2, D, dtype=torch.float16))
+    assert torch.equal(bad[2].cpu(), table[3])
+    with pytest.raises(RuntimeError, match="pinned"):
+        ops.embed_gather(ids, torch.randn(V, D).half())

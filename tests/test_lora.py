@@ -48,6 +48,33 @@ def test_tiny_adapter_matches_peft(tmp_path, cfg):
     assert rel(ref, base) > 1e-2                                 # the adapter really changes things
 
 
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "up_proj"]])
+def test_adapter_on_fused_q4_layers_matches_peft(tmp_path, targets):
+    """4-bit layers kept as such (fused q|k|v and gate|up, as on GPUs): the adapter's pairs are fused
+    too (stacked A, block-diagonal B; untargeted parts as zero blocks) and still match peft."""
+    from tiny import gptq_checkpoint
+    hf = hf_tiny(seed=16)
+    base_dir = gptq_checkpoint(hf, tmp_path / "base", 32)      # hf now holds the dequantized weights
+    extra = {"target_modules": targets, "rank_pattern": {"v_proj": 4}} if targets else {}
+    pm = make_adapter(hf, tmp_path / "ad", **extra)
+    ours = load_ours(base_dir, max_seq_len=64, keep_q4=True)
+    plain = load_ours(base_dir, max_seq_len=64)                  # dense, separate projections
+    assert ours.layers[0].self_attn.qkv is not None and ours.layers[0].mlp.gate_up is not None
+    name = load_lora(ours, tmp_path / "ad", "ad")
+    load_lora(plain, tmp_path / "ad", "ad")
+    assert name in ours.layers[0].self_attn.qkv.lora and name in ours.layers[0].mlp.gate_up.lora
+    ids = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        ref = pm(ids).logits
+        with pm.disable_adapter():
+            base = pm(ids).logits
+    fused = ours(ids, last_only=False, lora=name)
+    assert rel(fused, plain(ids, last_only=False, lora=name)) < 1e-5
+    # against peft: the q4 format's fp16 offsets cost ~1e-3 with or without the adapter
+    assert rel(fused, ref) < 4e-3 and rel(ours(ids, last_only=False), base) < 4e-3
+    assert rel(ref, base) > 1e-2
+
+
 def test_two_adapters_switch_per_call(tmp_path):
     hf = hf_tiny(seed=12)
     base_dir = save_hf(hf, tmp_path / "base")

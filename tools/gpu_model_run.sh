@@ -2,7 +2,8 @@
 # One device call for the model level: GPU tests, then benchmark.py -p on the embedded model and on
 # random-weight GPTQ checkpoints of Llama-2 shapes. Logs and a summary go to $OUT.
 #   bash tools/gpu_model_run.sh [shapes...]     (default: 7b; "none": no random checkpoint)
-# BASELINE=0 skips the second benchmark (fused decode kernels on, EXLLAMA_FUSED_*=1) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
+# PROBE=1 first times pure-read kernels (tools/probe/read_ceiling.cu); LORA=1 adds tools/bench_lora.py per model.
+# BASELINE=0 skips the second benchmark (fused decode kernels off, EXLLAMA_FUSED_*=0) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_model_out}
@@ -26,20 +27,26 @@ fi
 HAVE_EMBEDDED=$($PY -c "from model.embedded import embedded_gguf_path as p; p(); print(1)" 2>/dev/null)
 $PY -c "from cuda_ext import build; build.load(); print('extension ok')" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
 
-TESTS=tests/test_kernels.py
+if [ "${PROBE:-0}" = 1 ]; then
+  nvcc -O3 -arch=sm_90 -o /tmp/read_ceiling tools/probe/read_ceiling.cu && /tmp/read_ceiling > "$OUT/read_ceiling.txt" 2>&1
+  echo "== read ceiling: $OUT/read_ceiling.txt" | tee -a "$OUT/summary.txt"
+fi
+
+TESTS="tests/test_kernels.py tests/test_gpu_fused.py"
 [ -n "${SKIP_KERNEL_TESTS:-}" ] && TESTS=""
 [ -n "$HAVE_EMBEDDED" ] && TESTS="$TESTS tests/test_gpu_model.py"
 echo "== GPU tests: $TESTS" | tee -a "$OUT/summary.txt"
 timeout 400 $PY -m pytest -q -p no:cacheprovider $TESTS -s 2>&1 \
-  | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|rel err vs CPU|Error" | tee -a "$OUT/summary.txt"
+  | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|rel err|static step|Error" | tee -a "$OUT/summary.txt"
 if [ -n "$HAVE_EMBEDDED" ]; then
   echo "== embedded model" | tee -a "$OUT/summary.txt"
   timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   if [ "${BASELINE:-1}" = 1 ]; then
-    echo "== embedded model, fused decode (EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1)" | tee -a "$OUT/summary.txt"
-    EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1 timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+    echo "== embedded model, fused decode off (EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0)" | tee -a "$OUT/summary.txt"
+    EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0 timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   fi
   timeout 120 $PY benchmark.py -ppl 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+  [ "${LORA:-0}" = 1 ] && timeout 200 $PY tools/bench_lora.py --tokens 128 --runs 3 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
 fi
 
 for s in $SHAPES; do
@@ -48,7 +55,8 @@ for s in $SHAPES; do
   echo "== $s g128" | tee -a "$OUT/summary.txt"
   timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   if [ "${BASELINE:-1}" = 1 ]; then
-    echo "== $s g128, fused decode (EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1)" | tee -a "$OUT/summary.txt"
-    EXLLAMA_FUSED_DECODE=1 EXLLAMA_FUSED_GEMV=1 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+    echo "== $s g128, fused decode off (EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0)" | tee -a "$OUT/summary.txt"
+    EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   fi
+  [ "${LORA:-0}" = 1 ] && timeout 240 $PY tools/bench_lora.py -d $d --tokens 128 --runs 3 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
 done

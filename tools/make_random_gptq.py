@@ -28,18 +28,20 @@ SHAPES = {
 
 def random_gptq(K: int, N: int, gs: int, act_order: bool, gen: torch.Generator) -> dict:
     G = K // gs
-    g_idx = torch.arange(K, dtype=torch.int32) // gs
+    dev = gen.device
+    g_idx = torch.arange(K, dtype=torch.int32, device=dev) // gs
     if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=gen)]
-    return {
-        "qweight": torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, generator=gen),
-        "qzeros": torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, generator=gen),
-        "scales": (torch.rand(G, N, generator=gen) * 0.004 + 0.001).half(),
+        g_idx = g_idx[torch.randperm(K, generator=gen, device=dev)]
+    t = {
+        "qweight": torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, generator=gen, device=dev),
+        "qzeros": torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, generator=gen, device=dev),
+        "scales": (torch.rand(G, N, generator=gen, device=dev) * 0.004 + 0.001).half(),
         "g_idx": g_idx,
     }
+    return {k: v.cpu() for k, v in t.items()}
 
 
-def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0):
+def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0, device: str = "cpu"):
     cfg = {**SHAPES[shape], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
@@ -47,7 +49,7 @@ def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0
                                    "desc_act": act_order, "sym": True}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)   # a GPU draws a 70B's 35 GB in seconds
     d, f = cfg["hidden_size"], cfg["intermediate_size"]
     kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
     shard, shard_bytes, index, n = {}, 0, {}, 0
@@ -68,7 +70,7 @@ def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0
         if shard_bytes > 2e9:
             flush()
 
-    add("model.embed_tokens.weight", (torch.randn(cfg["vocab_size"], d, generator=gen) * 0.02).half())
+    add("model.embed_tokens.weight", (torch.randn(cfg["vocab_size"], d, generator=gen, device=device) * 0.02).half().cpu())
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         for name, K, N in [("self_attn.q_proj", d, d), ("self_attn.k_proj", d, kv), ("self_attn.v_proj", d, kv),
@@ -80,7 +82,7 @@ def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0
         add(f"{p}.post_attention_layernorm.weight", torch.ones(d, dtype=torch.float16))
         print(f"\rlayer {i + 1}/{cfg['num_hidden_layers']}", end="", flush=True)
     add("model.norm.weight", torch.ones(d, dtype=torch.float16))
-    add("lm_head.weight", (torch.randn(cfg["vocab_size"], d, generator=gen) * 0.02).half())
+    add("lm_head.weight", (torch.randn(cfg["vocab_size"], d, generator=gen, device=device) * 0.02).half().cpu())
     flush()
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     print(f"\nwrote {out}")
@@ -92,5 +94,8 @@ if __name__ == "__main__":
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the random numbers are drawn (the same seed gives other weights per device type)")
     a = ap.parse_args()
-    write(a.out, a.shape, a.group_size, a.act_order)
+    write(a.out, a.shape, a.group_size, a.act_order, a.seed, a.device)

@@ -45,6 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     m.def("decode_attention_plan", &decode_attention_plan, "[splits, chunk, smem_bytes]", py::arg("B"),
           py::arg("Hkv"), py::arg("G"), py::arg("D"), py::arg("kv_len"), py::arg("device"), py::arg("splits") = 0);
 
+    // embeddings
+    m.def("embed_gather", &embed_gather, "out[r] = table[ids[r]] with the table in pinned host memory",
+          py::arg("ids"), py::arg("table"), py::arg("out"));
+
     // activations
     m.def("silu_mul", &silu_mul, "out = silu(gate) * up", py::arg("gate"), py::arg("up"), py::arg("out"));
 }

@@ -38,3 +38,6 @@ std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, in
 
 // activations (ops_act.cpp)
 void silu_mul(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor& out);
+
+// embeddings (ops_embed.cpp)
+void embed_gather(const torch::Tensor& ids, const torch::Tensor& table, torch::Tensor& out);

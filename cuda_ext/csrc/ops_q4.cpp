@@ -38,13 +38,27 @@ int* tile_counters(const torch::Device& device)
     return buffers[index]->data_ptr<int>();
 }
 
+// row_strided: qweight, scales and offsets may be column slices of wider tensors (rows contiguous,
+// the same row stride for scales and offsets): q4_dequant takes them, the GEMM kernel does not.
 void check_q4_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
-                      const std::optional<torch::Tensor>& perm, int64_t& K, int64_t& N, int64_t& groups)
+                      const std::optional<torch::Tensor>& perm, int64_t& K, int64_t& N, int64_t& groups,
+                      bool row_strided = false)
 {
     EXL_CHECK_CUDA(qweight);
     EXL_CHECK_DTYPE(qweight, torch::kInt32);
     EXL_CHECK_DIM(qweight, 2);
-    EXL_CHECK_CONTIG(qweight);
+    if (row_strided)
+    {
+        EXL_CHECK(qweight.stride(1) == 1 && scales.dim() == 2 && scales.stride(1) == 1 && offsets.dim() == 2 &&
+                      offsets.stride(1) == 1 && scales.stride(0) == offsets.stride(0) &&
+                      qweight.stride(0) % 4 == 0 && scales.stride(0) % 4 == 0,
+                  "qweight, scales and offsets must have contiguous rows, row strides a multiple of 4 (scales and "
+                  "offsets with one row stride)");
+    }
+    else
+    {
+        EXL_CHECK_CONTIG(qweight);
+    }
     EXL_CHECK_ALIGNED(qweight, 16);
     K = qweight.size(0) * 8;
     N = qweight.size(1);
@@ -53,8 +67,11 @@ void check_q4_weights(const torch::Tensor& qweight, const torch::Tensor& scales,
     EXL_CHECK_DTYPE(scales, torch::kFloat16);
     EXL_CHECK_DTYPE(offsets, torch::kFloat16);
     EXL_CHECK_DIM(scales, 2);
-    EXL_CHECK_CONTIG(scales);
-    EXL_CHECK_CONTIG(offsets);
+    if (!row_strided)
+    {
+        EXL_CHECK_CONTIG(scales);
+        EXL_CHECK_CONTIG(offsets);
+    }
     EXL_CHECK_SIZE(scales, 1, N);
     EXL_CHECK(offsets.sizes() == scales.sizes(), "offsets must have the shape of scales ", scales.sizes(),
                 " (got ", offsets.sizes(), ")");
@@ -224,7 +241,7 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
                 const std::optional<torch::Tensor>& perm, torch::Tensor& out)
 {
     int64_t K, N, groups;
-    check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
+    check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
     EXL_CHECK_DTYPE(out, torch::kFloat16);
     EXL_CHECK_CONTIG(out);
     EXL_CHECK_SAME_DEVICE(out, qweight);
@@ -245,6 +262,6 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
                                      reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
                                      reinterpret_cast<const half*>(offsets.data_ptr<at::Half>()), p32, p64,
                                      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)K, (int)N, (int)groups,
-                                     pdl_auto(qweight.device().index()), stream));
+                                     qweight.stride(0), scales.stride(0), pdl_auto(qweight.device().index()), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -10,7 +10,7 @@ __global__ void __launch_bounds__(256)
 q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
                   const half* __restrict__ offsets, const int32_t* __restrict__ perm32,
                   const int64_t* __restrict__ perm64, half* __restrict__ out,
-                  int Kp, int N, int gpr)
+                  int Kp, int N, int gpr, int64_t ldq, int64_t lds)
 {
     pdl_wait();
     pdl_trigger();             // after the wait: at most one kernel queued behind this one
@@ -22,9 +22,9 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
     const int n0 = cq * 4;
     const int g = i / gpr;
 
-    const uint4 w = __ldg(reinterpret_cast<const uint4*>(qweight + (size_t)i * N + n0));
-    const uint2 sr = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * N + n0));
-    const uint2 orw = __ldg(reinterpret_cast<const uint2*>(offsets + (size_t)g * N + n0));
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(qweight + (size_t)i * ldq + n0));
+    const uint2 sr = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * lds + n0));
+    const uint2 orw = __ldg(reinterpret_cast<const uint2*>(offsets + (size_t)g * lds + n0));
     const float2 s01 = __half22float2(*reinterpret_cast<const half2*>(&sr.x));
     const float2 s23 = __half22float2(*reinterpret_cast<const half2*>(&sr.y));
     const float2 o01 = __half22float2(*reinterpret_cast<const half2*>(&orw.x));
@@ -56,7 +56,7 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
 
 cudaError_t q4_dequant_launch(const uint32_t* qweight, const half* scales, const half* offsets,
                               const int32_t* perm32, const int64_t* perm64, half* out,
-                              int K, int N, int groups, bool pdl, cudaStream_t stream)
+                              int K, int N, int groups, int64_t ldq, int64_t lds, bool pdl, cudaStream_t stream)
 {
     const int Kp = K / 8;
     const int gpr = (K / groups) / 8;
@@ -65,5 +65,5 @@ cudaError_t q4_dequant_launch(const uint32_t* qweight, const half* scales, const
     const int threads = 256;
     const long long blocks = EXL_DIV_UP(total, (long long)threads);
     return launch_kernel(q4_dequant_kernel, dim3((unsigned)blocks), dim3(threads), 0, stream, pdl,
-                         qweight, scales, offsets, perm32, perm64, out, Kp, N, gpr);
+                         qweight, scales, offsets, perm32, perm64, out, Kp, N, gpr, ldq, lds);
 }
