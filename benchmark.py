@@ -68,8 +68,10 @@ def load_from_args(args, **kw):
 
 
 def _sync(model):
+    """Wait for every GPU the model's layers are on (a split model's last step ends on the last one)."""
     if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+        for dev in {model.device, *model.layer_devices}:
+            torch.cuda.synchronize(dev)
 
 
 def _decoder(model, cache, graphs: bool, lora=None):
