@@ -53,7 +53,9 @@ class GraphDecoder:
                         self._step(seg, kv_len, lora, padded)
                 torch.cuda.current_stream().wait_stream(stream)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                # the capture stream must be this device's: torch's default one belongs to the first
+                # device that captured, and a later device's kernels would run uncaptured
+                with torch.cuda.graph(g, stream=stream):
                     out = self._step(seg, kv_len, lora, padded)
             self.graphs[key] = (g, out)
         return self.graphs[key]

@@ -38,6 +38,7 @@ def greedy(model, prompt: torch.Tensor, n: int):
 
 def run(directory, split, length, prompt, n):
     for d in range(torch.cuda.device_count()):
+        torch.zeros(1, device=f"cuda:{d}")     # the allocator of a device exists once something used it
         torch.cuda.reset_peak_memory_stats(d)
     model, _ = load(directory, RuntimeConfig(device="cuda:0", max_seq_len=length, gpu_split=split),
                     progress=False, tokenizer=False)
