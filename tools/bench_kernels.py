@@ -148,7 +148,25 @@ LAYER_7B = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]   # qkv, 
 LAYER_135M = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 
 
-def bench_layer_chain(shapes, gs, n_layers, M=1):
+def compare_variants(ext):
+    """Each M=1 inner-loop variant with its automatic plan: per 7B layer shape and as a layer chain."""
+    out = {}
+    for v in range(ext.q4_gemm_num_variants(1)):
+        name = ext.q4_gemm_variant_name(1, v)
+        per = {}
+        for K, N in LAYER_7B:
+            sets = make_sets(K, N, 128)
+            per[f"{K}x{N}"] = round(bench_q4(sets, K, N, 128, variant=v)[0], 2)
+            del sets
+        chain7 = bench_layer_chain(LAYER_7B, 128, 4, variant=v, pdls=(-1,))["pdl1"]["us_per_layer"]
+        chain135 = bench_layer_chain(LAYER_135M, 64, 64, variant=v, pdls=(-1,))["pdl1"]["us_per_layer"]
+        out[name] = dict(shapes_us=per, layer7b_us=round(chain7, 2), layer135m_us=round(chain135, 2))
+        print(f"variant {name:10s} 7B layer {chain7:6.2f} us, 135M layer {chain135:5.2f} us; {per}", flush=True)
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2)):
     """A decoder layer's four q4 GEMVs back to back, several layers rotated; per PDL mode."""
     layers = [[q4_layer(K, N, gs) for K, N in shapes] for _ in range(n_layers)]
     xs = {K: torch.randn(M, K, device=DEV).half() for K, _ in shapes}
@@ -156,11 +174,12 @@ def bench_layer_chain(shapes, gs, n_layers, M=1):
     per = sum(q4_bytes(K, N, gs, M) for K, N in shapes)
     reps = max(1, math.ceil(MIN_CALLS / (4 * n_layers)))
     res = {}
-    for pdl in (-1, 0, 2):
+    for pdl in pdls:
         calls = []
         for layer in layers:
             for (K, N), w in zip(shapes, layer):
-                calls.append(lambda K=K, N=N, w=w, pdl=pdl: ops.q4_gemm_small(xs[K], *w, out=outs[N], pdl=pdl))
+                calls.append(lambda K=K, N=N, w=w, pdl=pdl: ops.q4_gemm_small(xs[K], *w, out=outs[N], pdl=pdl,
+                                                                              variant=variant))
         us, _ = time_calls(calls * reps)
         res[{-1: "pdl1", 0: "nopdl", 2: "pdl2"}[pdl]] = dict(us_per_layer=us * 4, gbps=per / (us * 4e-6) / 1e9)
     del layers
@@ -197,6 +216,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="try every tile width / split / variant at M=1")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="7B 4096x4096 and one SmolLM shape only")
+    ap.add_argument("--variants", action="store_true", help="only compare the M=1 inner-loop variants")
     args = ap.parse_args()
 
     ext = build.load()
@@ -206,6 +226,11 @@ def main():
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
+    if args.variants:
+        res = compare_variants(ext)
+        if args.json:
+            args.json.write_text(json.dumps(dict(device=prop.name, copy_gbps=bw, variants=res), indent=1))
+        return
     shapes = LLAMA7B + SMOL
     if args.quick:
         shapes = [LLAMA7B[0], SMOL[0]]

@@ -34,10 +34,12 @@ def random_gptq(K: int, N: int, gs: int, act_order: bool, gen: torch.Generator) 
         g_idx = g_idx[torch.randperm(K, generator=gen, device=dev)]
     t = {
         "qweight": torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, generator=gen, device=dev),
-        # symmetric zero point (GPTQ stores zero - 1 = 7 in every nibble) and scales giving weights of
-        # std ~0.02 (as an initialised model): activations stay finite through all layers in fp16,
-        # so outputs of two runs can be compared (random zero points overflow deep models to NaN)
-        "qzeros": torch.full((G, N // 8), 0x77777777, dtype=torch.int32, device=dev),
+        # zero points 7 or 8 at random (GPTQ stores zero - 1) and scales giving weights of std ~0.02
+        # with no common mean (as an initialised model): activations stay finite through all layers in
+        # fp16, so two runs' outputs can be compared. Random zero points 1..16 (or one zero point for
+        # all, whose -0.5 * scale mean feeds back through every layer) overflow deep models to NaN.
+        "qzeros": 0x66666666 | (torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, generator=gen,
+                                              device=dev) & 0x11111111),
         "scales": (torch.rand(G, N, generator=gen, device=dev) * 0.002 + 0.0035).half(),
         "g_idx": g_idx,
     }

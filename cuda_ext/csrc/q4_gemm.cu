@@ -3,24 +3,40 @@
 #include "common.cuh"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace {
 
 struct Variant
 {
-    int U, S, MINB;
+    int U, S, MINB, PP;
     const char* name;
 };
 
-// S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched).
-// MINB: blocks per multiprocessor the register budget is set for. Entry 0 is the default: on an
-// H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8.
-const Variant kVariantsM1[] = {{4, 0, 3, "reg4"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}};
-const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
+// S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched; PP:
+// ping-pong batches, see q4_gemm_kernel.cuh). MINB: blocks per multiprocessor the register budget
+// is set for. Entry 0 is the default: on an H100 (docs/performance.md) registers beat the cp.async
+// ring by 10-40% at every M = 1..8.
+const Variant kVariantsM1[] = {{4, 0, 3, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 2, 0, "reg4-b2"},
+                               {4, 0, 3, 1, "reg4pp"}, {8, 0, 2, 1, "reg8pp"}, {4, 0, 2, 1, "reg4pp-b2"}};
+const Variant kVariantsMn[] = {{4, 0, 1, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 1, 1, "reg4pp"}};
 
 const Variant& variant_of(int M, int v)
 {
     return M == 1 ? kVariantsM1[v] : kVariantsMn[v];
+}
+
+// Entry 0, unless EXLLAMA_Q4_VARIANT names another (for A/B timings of whole models).
+int default_variant(int M)
+{
+    static const char* forced = std::getenv("EXLLAMA_Q4_VARIANT");
+    if (!forced) return 0;
+    const Variant* v = M == 1 ? kVariantsM1 : kVariantsMn;
+    const int n = M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));
+    for (int i = 0; i < n; ++i)
+        if (std::strcmp(v[i].name, forced) == 0) return i;
+    return 0;
 }
 
 size_t plan_smem(int M, int rows_per_split, int tn, int S)
@@ -51,7 +67,7 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
     p.splits = 0;
     if (M < 1 || M > Q4_MAX_ROWS || K <= 0 || N <= 0 || (K & 7) || (N & 3) || groups <= 0 || K % groups) return p;
     if ((K / groups) & 7) return p;
-    if (variant < 0 || variant >= q4_gemm_num_variants(M)) variant = 0;
+    if (variant < 0 || variant >= q4_gemm_num_variants(M)) variant = default_variant(M);
     const int S = variant_of(M, variant).S;
     const int Kp = K / 8;
     if (sm_count <= 0) sm_count = 1;
@@ -130,15 +146,19 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
     {
         switch (plan.variant)
         {
-            case 1: return q4_gemm_launch_t<1, 0, 16, 1>(plan, args, stream);
-            case 2: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
-            default: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
+            case 1: return q4_gemm_launch_t<1, 0, 16, 1, 0>(plan, args, stream);
+            case 2: return q4_gemm_launch_t<1, 4, 0, 2, 0>(plan, args, stream);
+            case 3: return q4_gemm_launch_t<1, 4, 0, 3, 1>(plan, args, stream);
+            case 4: return q4_gemm_launch_t<1, 8, 0, 2, 1>(plan, args, stream);
+            case 5: return q4_gemm_launch_t<1, 4, 0, 2, 1>(plan, args, stream);
+            default: return q4_gemm_launch_t<1, 4, 0, 3, 0>(plan, args, stream);
         }
     }
     else
     {
-        if (plan.variant == 1) return q4_gemm_launch_t<M, 0, 16, 1>(plan, args, stream);
-        return q4_gemm_launch_t<M, 4, 0, 1>(plan, args, stream);
+        if (plan.variant == 1) return q4_gemm_launch_t<M, 0, 16, 1, 0>(plan, args, stream);
+        if (plan.variant == 2) return q4_gemm_launch_t<M, 4, 0, 1, 1>(plan, args, stream);
+        return q4_gemm_launch_t<M, 4, 0, 1, 0>(plan, args, stream);
     }
 }
 
