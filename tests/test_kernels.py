@@ -107,14 +107,14 @@ def test_q4_gemm_small_configs(tn, splits, M):
 
 
 @pytest.mark.parametrize("M", [1, 4])
-def test_q4_gemm_small_variants(M):
-    K, N = 4096, 1536
-    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
+@pytest.mark.parametrize("K,N,gs", [(4096, 1536, 128), (576, 960, 64), (11008, 512, 128)])
+def test_q4_gemm_small_variants(M, K, N, gs):
+    qw, sc, of, perm = make_q4(K, N, gs, act_order=True)
     x = torch.randn(M, K, device=DEV).half()
     ref = ref_q4(x, qw, sc, of, perm)
     torch.cuda.synchronize()  # forced PDL reads the weights before waiting on the previous kernel
     for v in range(build.load().q4_gemm_num_variants(M)):
-        for splits in (1, 4):
+        for splits in (1, 3):
             for pdl in (0, 1, 2):
                 out = poison((M, N))
                 ops.q4_gemm_small(x, qw, sc, of, perm, out=out, variant=v, splits=splits, pdl=pdl)
