@@ -1,10 +1,12 @@
 """Where a decode step's GPU time goes: kernel times of captured decode steps (torch.profiler).
 
-    python tools/profile_decode.py [-d DIR] [--context 100] [--steps 20] [--eager]
+    python tools/profile_decode.py [-d DIR] [--context 100] [--steps 20] [--eager] [--prefill T]
 
 Prefills `--context` random tokens, then profiles `--steps` graph replays (or the same static step run
 eagerly with --eager) and prints each kernel's count, mean and share of the GPU time, plus the
-step time the GPU was busy for.
+step time the GPU was busy for. Inside graphs kernels launched early (programmatic dependent launch)
+count their wait for the previous kernel; --eager times them alone. --prefill T profiles one forward
+of T tokens (the prompt path) instead.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="run the static step without capturing it")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--prefill", type=int, default=0, help="profile one forward of this many tokens instead")
     args = ap.parse_args()
     model, _ = load(args.directory, RuntimeConfig(max_seq_len=args.length), progress=False, tokenizer=False)
     cache = model.new_cache()
@@ -41,9 +44,16 @@ def main():
         ids = dec(ids)[:, -1].argmax(-1, keepdim=True)
     cache.truncate(start)
     torch.cuda.synchronize()
+    if args.prefill:
+        prompt = torch.randint(0, model.cfg.vocab_size, (1, args.prefill), device=model.device)
+        model(prompt, model.new_cache())                  # warm-up at this length
+        args.steps = 1
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            ids = dec(ids)[:, -1].argmax(-1, keepdim=True)
+        if args.prefill:
+            model(prompt, model.new_cache())
+        else:
+            for _ in range(args.steps):
+                ids = dec(ids)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -55,8 +65,9 @@ def main():
     print(f"{'kernel':80s} {'calls/step':>10s} {'mean us':>9s} {'share':>6s}")
     for t, n, key in rows[:args.rows]:
         print(f"{key[:80]:80s} {n / args.steps:10.1f} {t / n:9.2f} {100 * t / total:5.1f}%")
-    print(f"GPU busy per step: {total / args.steps / 1000:.3f} ms ({'eager' if args.eager else 'graph'}, "
-          f"context {args.context}, {model.cfg.num_hidden_layers} layers)")
+    what = f"prefill of {args.prefill} tokens" if args.prefill else ("eager" if args.eager else "graph")
+    print(f"GPU busy per step: {total / args.steps / 1000:.3f} ms ({what}, context {args.context}, "
+          f"{model.cfg.num_hidden_layers} layers)")
 
 
 if __name__ == "__main__":

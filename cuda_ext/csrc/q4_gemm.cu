@@ -19,7 +19,8 @@ struct Variant
 // is set for. Entry 0 is the default: on an H100 (docs/performance.md) registers beat the cp.async
 // ring by 10-40% at every M = 1..8.
 const Variant kVariantsM1[] = {{4, 0, 3, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 2, 0, "reg4-b2"},
-                               {4, 0, 3, 1, "reg4pp"}, {8, 0, 2, 1, "reg8pp"}, {4, 0, 2, 1, "reg4pp-b2"}};
+                               {4, 0, 3, 1, "reg4pp"}, {8, 0, 2, 1, "reg8pp"}, {4, 0, 2, 1, "reg4pp-b2"},
+                               {4, 0, 4, 0, "reg4-b4"}, {2, 0, 4, 0, "reg2-b4"}};
 const Variant kVariantsMn[] = {{4, 0, 1, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 1, 1, "reg4pp"}};
 
 const Variant& variant_of(int M, int v)
@@ -151,6 +152,8 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
             case 3: return q4_gemm_launch_t<1, 4, 0, 3, 1>(plan, args, stream);
             case 4: return q4_gemm_launch_t<1, 8, 0, 2, 1>(plan, args, stream);
             case 5: return q4_gemm_launch_t<1, 4, 0, 2, 1>(plan, args, stream);
+            case 6: return q4_gemm_launch_t<1, 4, 0, 4, 0>(plan, args, stream);
+            case 7: return q4_gemm_launch_t<1, 2, 0, 4, 0>(plan, args, stream);
             default: return q4_gemm_launch_t<1, 4, 0, 3, 0>(plan, args, stream);
         }
     }
