@@ -32,7 +32,7 @@ from . import build
 SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
 # Prompt path: weights are dequantized to fp16 in column slices of at most this many bytes, so the
 # scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
-DEQUANT_CHUNK_BYTES = 32 << 20
+DEQUANT_CHUNK_BYTES = 16 << 20
 
 
 def _ext():
@@ -124,22 +124,23 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         y = q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual, out=out2)
     else:
         y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
+        res2 = residual.reshape(M, N) if residual is not None else None
         width = N if K * N * 2 <= DEQUANT_CHUNK_BYTES else max(128, DEQUANT_CHUNK_BYTES // (2 * K) // 128 * 128)
         scratch = torch.empty(K * min(width, N), dtype=torch.float16, device=x.device)
         for c0 in range(0, N, width):
             c1 = min(N, c0 + width)
             w = q4_dequant(qweight[:, c0:c1], scales[:, c0:c1], offsets[:, c0:c1], perm,
                            out=scratch[:K * (c1 - c0)].view(K, c1 - c0))
-            b = bias[c0:c1].to(torch.float16) if bias is not None else None
-            if width >= N:
-                if b is not None:
-                    torch.addmm(b, x2, w, out=y)
-                else:
-                    torch.matmul(x2, w, out=y)
+            # cuBLAS writes a column slice in place (row stride N) and adds bias / residual as beta * C
+            part = y if width >= N else y[:, c0:c1]
+            base = res2[:, c0:c1] if res2 is not None else None
+            if bias is not None:
+                b = bias[c0:c1].to(torch.float16)
+                base = b if base is None else base + b
+            if base is None:
+                torch.mm(x2, w, out=part)
             else:
-                y[:, c0:c1] = torch.addmm(b, x2, w) if b is not None else x2 @ w
-        if residual is not None:
-            y += residual.reshape(M, N)
+                torch.addmm(base, x2, w, out=part)
     return out if out is not None else y.reshape(*lead, N)
 
 

@@ -140,7 +140,8 @@ class Ops:
         """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds).
 
         norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
-        silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue.
+        silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue; for
+        more rows on a GPU, silu(gate) * up overwrites the gate half of x (x is consumed).
         """
         k = self.kernels_for(x)
         if norm is not None or silu:
@@ -156,7 +157,11 @@ class Ops:
                 x = self.rms_norm(x, norm[0], norm[1])
             if silu:
                 f = x.shape[-1] // 2
-                x = self.silu_mul(x[..., :f], x[..., f:])
+                if k and x.dtype == torch.float16:
+                    # into the gate half, in place: a long prompt's [T, F] activation costs no second buffer
+                    x = k.silu_mul(x[..., :f], x[..., f:], out=x[..., :f])
+                else:
+                    x = self.silu_mul(x[..., :f], x[..., f:])
         if k:
             return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual)
         y = q4_matmul_dequant(x, qweight, scales, offsets, perm)

@@ -2,6 +2,7 @@
 # One device call for the model level: GPU tests, then benchmark.py -p on the embedded model and on
 # random-weight GPTQ checkpoints of Llama-2 shapes. Logs and a summary go to $OUT.
 #   bash tools/gpu_model_run.sh [shapes...]     (default: 7b; "none": no random checkpoint)
+# PROFILE=1 adds kernel profiles of a 1920-token prefill and of eager decode steps per random model.
 # PROBE=1 first times pure-read kernels (tools/probe/read_ceiling.cu); LORA=1 adds tools/bench_lora.py per model.
 # BASELINE=0 skips the second benchmark (fused decode kernels off, EXLLAMA_FUSED_*=0) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
 set -uo pipefail
@@ -59,4 +60,9 @@ for s in $SHAPES; do
     EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   fi
   [ "${LORA:-0}" = 1 ] && timeout 240 $PY tools/bench_lora.py -d $d --tokens 128 --runs 3 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+  if [ "${PROFILE:-0}" = 1 ]; then
+    timeout 120 $PY tools/profile_decode.py -d $d --prefill 1920 --rows 14 2>&1 | tail -16 > "$OUT/profile_prefill_$s.txt"
+    timeout 120 $PY tools/profile_decode.py -d $d --eager --rows 10 2>&1 | tail -12 > "$OUT/profile_decode_$s.txt"
+    tail -1 "$OUT/profile_prefill_$s.txt" "$OUT/profile_decode_$s.txt" | tee -a "$OUT/summary.txt"
+  fi
 done
