@@ -31,8 +31,10 @@ from . import build
 
 SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
 # Prompt path: weights are dequantized to fp16 in column slices of at most this many bytes, so the
-# scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
-DEQUANT_CHUNK_BYTES = 16 << 20
+# scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once). Smaller slices
+# save VRAM but cost host time per slice: on an H100, 16 MiB made a 7B prompt host-bound (27.7k t/s
+# against 35.9k with 32 MiB, docs/performance.md).
+DEQUANT_CHUNK_BYTES = 32 << 20
 
 
 def _ext():

@@ -141,7 +141,7 @@ class Ops:
 
         norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
         silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue; for
-        more rows on a GPU, silu(gate) * up overwrites the gate half of x (x is consumed).
+        more rows (a prompt) on a GPU, silu(gate) * up overwrites the gate half of x (x is consumed).
         """
         k = self.kernels_for(x)
         if norm is not None or silu:
@@ -157,7 +157,7 @@ class Ops:
                 x = self.rms_norm(x, norm[0], norm[1])
             if silu:
                 f = x.shape[-1] // 2
-                if k and x.dtype == torch.float16:
+                if k and x.dtype == torch.float16 and rows > 8:
                     # into the gate half, in place: a long prompt's [T, F] activation costs no second buffer
                     x = k.silu_mul(x[..., :f], x[..., f:], out=x[..., :f])
                 else:
