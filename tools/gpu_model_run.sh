@@ -5,12 +5,7 @@
 # PROFILE=1 adds kernel profiles of a 1920-token prefill and of eager decode steps per random model.
 # PROBE=1 first times pure-read kernels (tools/probe/read_ceiling.cu); LORA=1 adds tools/bench_lora.py per model.
 # BASELINE=0 skips the second benchmark (fused decode kernels off, EXLLAMA_FUSED_*=0) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_model_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 EXLLAMA_EXT_DIR=${EXLLAMA_EXT_DIR:-/tmp/exllama_ext}
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh" gpu_model_out
 SHAPES=${*:-7b}
 [ "$SHAPES" = none ] && SHAPES=""
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"

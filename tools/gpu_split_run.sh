@@ -3,12 +3,7 @@
 # the 13B split by hand against one GPU (greedy tokens must match), the 70B split with -gs auto
 # through benchmark.py -p at 2k context (VRAM per device). Logs and a summary go to $OUT.
 #   bash tools/gpu_split_run.sh [13b-split]      (default 13b split: 3.5,20 GB)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_split_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 EXLLAMA_EXT_DIR=${EXLLAMA_EXT_DIR:-/tmp/exllama_ext}
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_env.sh" gpu_split_out
 SPLIT13=${1:-3.5,20}
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/summary.txt"
 $PY -c "from cuda_ext import build; build.load(); print('extension ok')" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"

@@ -10,33 +10,29 @@ namespace {
 
 struct Variant
 {
-    int U, S, MINB, PP;
+    int U, S, MINB;
     const char* name;
 };
 
-// S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched; PP:
-// ping-pong batches, see q4_gemm_kernel.cuh). MINB: blocks per multiprocessor the register budget
-// is set for. Entry 0 is the default: on an H100 (docs/performance.md) registers beat the cp.async
-// ring by 10-40% at every M = 1..8.
-const Variant kVariantsM1[] = {{4, 0, 3, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 2, 0, "reg4-b2"},
-                               {4, 0, 3, 1, "reg4pp"}, {8, 0, 2, 1, "reg8pp"}, {4, 0, 2, 1, "reg4pp-b2"},
-                               {4, 0, 4, 0, "reg4-b4"}, {2, 0, 4, 0, "reg2-b4"}};
-const Variant kVariantsMn[] = {{4, 0, 1, 0, "reg4"}, {0, 16, 1, 0, "cp16"}, {4, 0, 1, 1, "reg4pp"}};
+// S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched).
+// MINB: blocks per multiprocessor the register budget is set for. Entry 0 is the default: on an
+// H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8.
+const Variant kVariantsM1[] = {{4, 0, 3, "reg4"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}};
+const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
 
 const Variant& variant_of(int M, int v)
 {
     return M == 1 ? kVariantsM1[v] : kVariantsMn[v];
 }
 
-// Entry 0, unless EXLLAMA_Q4_VARIANT names another (for A/B timings of whole models).
+// Entry 0, unless EXLLAMA_Q4_VARIANT names another (A/B timings of whole models).
 int default_variant(int M)
 {
     static const char* forced = std::getenv("EXLLAMA_Q4_VARIANT");
     if (!forced) return 0;
-    const Variant* v = M == 1 ? kVariantsM1 : kVariantsMn;
-    const int n = M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));
+    const int n = q4_gemm_num_variants(M);
     for (int i = 0; i < n; ++i)
-        if (std::strcmp(v[i].name, forced) == 0) return i;
+        if (std::strcmp(variant_of(M, i).name, forced) == 0) return i;
     return 0;
 }
 
@@ -147,21 +143,15 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
     {
         switch (plan.variant)
         {
-            case 1: return q4_gemm_launch_t<1, 0, 16, 1, 0>(plan, args, stream);
-            case 2: return q4_gemm_launch_t<1, 4, 0, 2, 0>(plan, args, stream);
-            case 3: return q4_gemm_launch_t<1, 4, 0, 3, 1>(plan, args, stream);
-            case 4: return q4_gemm_launch_t<1, 8, 0, 2, 1>(plan, args, stream);
-            case 5: return q4_gemm_launch_t<1, 4, 0, 2, 1>(plan, args, stream);
-            case 6: return q4_gemm_launch_t<1, 4, 0, 4, 0>(plan, args, stream);
-            case 7: return q4_gemm_launch_t<1, 2, 0, 4, 0>(plan, args, stream);
-            default: return q4_gemm_launch_t<1, 4, 0, 3, 0>(plan, args, stream);
+            case 1: return q4_gemm_launch_t<1, 0, 16, 1>(plan, args, stream);
+            case 2: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
+            default: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
         }
     }
     else
     {
-        if (plan.variant == 1) return q4_gemm_launch_t<M, 0, 16, 1, 0>(plan, args, stream);
-        if (plan.variant == 2) return q4_gemm_launch_t<M, 4, 0, 1, 1>(plan, args, stream);
-        return q4_gemm_launch_t<M, 4, 0, 1, 0>(plan, args, stream);
+        if (plan.variant == 1) return q4_gemm_launch_t<M, 0, 16, 1>(plan, args, stream);
+        return q4_gemm_launch_t<M, 4, 0, 1>(plan, args, stream);
     }
 }
 

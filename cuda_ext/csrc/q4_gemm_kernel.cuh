@@ -148,11 +148,7 @@ template <int S>
 __host__ __device__ constexpr int ring_bytes() { return S * Q4_THREADS * 16; }
 
 // M rows; S > 0: cp.async ring of S rows; S == 0: U rows in registers, next U prefetched.
-// PP (S == 0): ping-pong. Two register batches, both issued before the wait on the previous kernel,
-// and each refilled right after it is consumed, so 2U rows are in flight while x is staged and about
-// 1.5 batches through the loop. Without it, `wa = wb` stalls on the batch just issued: one exposed
-// memory latency per U rows (ncu on an H100: 30% occupancy, DRAM 25-47% busy, latency-bound).
-template <int M, int U, int S, int MINB, int PP>
+template <int M, int U, int S, int MINB>
 __global__ void __launch_bounds__(Q4_THREADS, MINB)
 q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split, const int rows_per_trow,
                      const int early_trigger)
@@ -191,7 +187,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
     // Weights and scales never change between kernels: fetch them before waiting on the previous kernel.
     uint4 wa[S > 0 ? 1 : U];
-    uint4 wb[(S == 0 && PP) ? U : 1];
     if constexpr (S > 0)
     {
         #pragma unroll
@@ -206,12 +201,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll
         for (int u = 0; u < U; ++u)
             wa[u] = (col_ok && u < n) ? load_w<1>(wp + (size_t)u * wstride, pol) : make_uint4(0, 0, 0, 0);
-        if constexpr (PP)
-        {
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-                wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
-        }
     }
 
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
@@ -362,43 +351,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         }
         cp_async_wait_all();
     }
-    else if constexpr (PP)
-    {
-        #pragma unroll 1
-        for (int j = 0; j < n; j += 2 * U)
-        {
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                if (j + u < n)
-                {
-                    q4_row<M>(wa[u], xs, kc, i0 + j + u - pb0, accq);
-                    end_row(i0 + j + u, j + u + 1 < n);
-                }
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                const int jj = j + 2 * U + u;
-                wa[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                if (j + U + u < n)
-                {
-                    q4_row<M>(wb[u], xs, kc, i0 + j + U + u - pb0, accq);
-                    end_row(i0 + j + U + u, j + U + u + 1 < n);
-                }
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                const int jj = j + 3 * U + u;
-                wb[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
-            }
-        }
-    }
     else
     {
         #pragma unroll 1
@@ -517,10 +469,10 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
 }  // namespace q4k
 
-template <int M, int U, int S, int MINB, int PP>
+template <int M, int U, int S, int MINB>
 cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream)
 {
-    auto kernel = q4k::q4_gemm_small_kernel<M, U, S, MINB, PP>;
+    auto kernel = q4k::q4_gemm_small_kernel<M, U, S, MINB>;
     if (plan.smem_bytes > 48 * 1024)
     {
         // Raised per launch only when needed; cheap next to the kernel and safe while capturing.
@@ -531,5 +483,5 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
                          args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? 1 : 0);
 }
 
-#define Q4_INSTANTIATE(M, U, S, MINB, PP) \
-    template cudaError_t q4_gemm_launch_t<M, U, S, MINB, PP>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);
+#define Q4_INSTANTIATE(M, U, S, MINB) \
+    template cudaError_t q4_gemm_launch_t<M, U, S, MINB>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);
