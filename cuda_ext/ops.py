@@ -133,7 +133,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
             c1 = min(N, c0 + width)
             w = q4_dequant(qweight[:, c0:c1], scales[:, c0:c1], offsets[:, c0:c1], perm,
                            out=scratch[:K * (c1 - c0)].view(K, c1 - c0))
-            # cuBLAS writes a column slice in place (row stride N) and adds bias / residual as beta * C
+            # bias / residual enter as cuBLAS's beta * C; torch writes a column slice through a temporary
             part = y if width >= N else y[:, c0:c1]
             base = res2[:, c0:c1] if res2 is not None else None
             if bias is not None:
