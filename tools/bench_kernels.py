@@ -148,11 +148,14 @@ LAYER_7B = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]   # qkv, 
 LAYER_135M = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 
 
-def compare_variants(ext):
-    """Each M=1 inner-loop variant with its automatic plan: per 7B layer shape and as a layer chain."""
+def compare_variants(ext, only=None):
+    """Each M=1 inner-loop variant (or those named in `only`) with its automatic plan: per 7B layer
+    shape and as a layer chain."""
     out = {}
     for v in range(ext.q4_gemm_num_variants(1)):
         name = ext.q4_gemm_variant_name(1, v)
+        if only and name not in only:
+            continue
         per = {}
         for K, N in LAYER_7B:
             sets = make_sets(K, N, 128)
@@ -216,7 +219,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="try every tile width / split / variant at M=1")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="7B 4096x4096 and one SmolLM shape only")
-    ap.add_argument("--variants", action="store_true", help="only compare the M=1 inner-loop variants")
+    ap.add_argument("--variants", nargs="*", default=None, metavar="NAME",
+                    help="only compare the M=1 inner-loop variants (all, or those named)")
     args = ap.parse_args()
 
     ext = build.load()
@@ -226,8 +230,8 @@ def main():
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
-    if args.variants:
-        res = compare_variants(ext)
+    if args.variants is not None:
+        res = compare_variants(ext, args.variants)
         if args.json:
             args.json.write_text(json.dumps(dict(device=prop.name, copy_gbps=bw, variants=res), indent=1))
         return

@@ -36,6 +36,17 @@ int default_variant(int M)
     return 0;
 }
 
+// Packed rows a thread row keeps at least before K is split further (EXLLAMA_Q4_MIN_ROWS for A/B runs).
+int min_rows_per_thread()
+{
+    static const int rows = [] {
+        const char* e = std::getenv("EXLLAMA_Q4_MIN_ROWS");
+        const int v = e ? std::atoi(e) : 0;
+        return v > 0 ? v : 16;
+    }();
+    return rows;
+}
+
 size_t plan_smem(int M, int rows_per_split, int tn, int S)
 {
     const size_t ring = (size_t)S * Q4_THREADS * 16;
@@ -88,7 +99,7 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
             int cs = splits;
             if (cs <= 0)
             {
-                const int by_rows = std::max(1, Kp / (ctrows * 16));
+                const int by_rows = std::max(1, Kp / (ctrows * min_rows_per_thread()));
                 const int by_wave = std::max(1, (int)(cap / ctiles));
                 cs = std::min(by_rows, by_wave);
             }
