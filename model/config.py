@@ -148,6 +148,8 @@ class RuntimeConfig:
     embed_on_cpu: bool | None = None   # GPUs: the token embedding table in pinned host memory, read by
                                        # the GPU (no VRAM); None: when the LM head does not share it
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible
+    # keys a captured step attends to come in buckets of this many (one graph per bucket); env EXLLAMA_GRAPH_BUCKET
+    graph_bucket: int = field(default_factory=lambda: int(os.environ.get("EXLLAMA_GRAPH_BUCKET", "256")))
     gpu_split: list[float] | str | None = None   # GB of weights per device, or "auto"
     extra: dict = field(default_factory=dict)
 

@@ -21,8 +21,9 @@ class GraphDecoder:
     state hops between them through static buffers.
     """
 
-    def __init__(self, model, cache: KVCache, bucket: int = 256, use_graphs: bool | None = None):
-        self.model, self.cache, self.bucket = model, cache, bucket
+    def __init__(self, model, cache: KVCache, bucket: int | None = None, use_graphs: bool | None = None):
+        self.model, self.cache = model, cache
+        self.bucket = bucket or model.runtime.graph_bucket
         self.use_graphs = (model.device.type == "cuda") if use_graphs is None else use_graphs
         B = cache.batch_size
         self.segs = model.segments()
