@@ -106,13 +106,18 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{path}: malformed JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ModelError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path), str(path))
+
+
+def read_json_object(path: Path, error: type[Exception] = ModelError) -> dict:
+    """A JSON file that must hold an object; `error` naming the file when it is unreadable or malformed."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _quant_from_dict(q: dict | None, source: str) -> QuantConfig | None:

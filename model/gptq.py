@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, ModelError, RuntimeConfig, rope_inv_freq
+from .config import ModelConfig, ModelError, RuntimeConfig, read_json_object, rope_inv_freq
 
 
 class QuantizeError(ValueError):
@@ -263,12 +263,7 @@ def read_config(src: Path) -> tuple[ModelConfig, dict]:
     path = src / "config.json"
     if not path.is_file():
         raise QuantizeError(f"{path}: missing (the input must be an HF-layout Llama checkpoint)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantizeError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise QuantizeError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, QuantizeError)
     archs = raw.get("architectures") or []
     mtype = raw.get("model_type")
     if mtype not in (None, "llama", "mistral") or (archs and archs[0] not in ("LlamaForCausalLM", "MistralForCausalLM")):

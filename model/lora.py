@@ -7,14 +7,13 @@ override per module.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
 
-from .config import ModelError
+from .config import ModelError, read_json_object
 from .linear import Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,10 +24,7 @@ def _read_config(folder: Path) -> dict:
     f = folder / "adapter_config.json"
     if not f.is_file():
         raise ModelError(f"{folder}: not a LoRA adapter (adapter_config.json missing)")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{f}: malformed JSON ({e})") from None
+    cfg = read_json_object(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"{f}: unsupported adapter type {cfg.get('peft_type')!r} (LoRA only)")
     if cfg.get("use_dora"):

@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .config import read_json_object
+
 __all__ = ["Tokenizer", "TokenizerError", "StreamDecoder"]
 
 SPIECE_SPACE = "\u2581"  # sentencepiece writes a space as "▁"
@@ -545,13 +547,7 @@ def _read_json(path: Path) -> dict:
     """A JSON side file as a dict ({} when absent); TokenizerError naming the file when malformed."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: malformed JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError)
 
 
 def _token_str(v) -> str | None:
