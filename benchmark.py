@@ -67,11 +67,17 @@ def load_from_args(args, **kw):
     return model, tokenizer, names
 
 
+def _gpus(model) -> list[int]:
+    """Indices of the GPUs the model is on (several when its layers are split); [] on CPUs."""
+    if model.device.type != "cuda":
+        return []
+    return sorted({d.index or 0 for d in model.layer_devices} | {model.device.index or 0})
+
+
 def _sync(model):
-    """Wait for every GPU the model's layers are on (a split model's last step ends on the last one)."""
-    if model.device.type == "cuda":
-        for dev in {model.device, *model.layer_devices}:
-            torch.cuda.synchronize(dev)
+    """Wait for every GPU the model is on (a split model's last step ends on the last one)."""
+    for d in _gpus(model):
+        torch.cuda.synchronize(d)
 
 
 def _decoder(model, cache, graphs: bool, lora=None):
@@ -119,8 +125,7 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     worst = decode_speed(model, cache, gen, step)
     r = {"prompt_tokens": prompt_len, "prompt_tps": prompt, "best_tps": best, "worst_tps": worst}
     if model.device.type == "cuda":
-        devs = sorted({d.index or 0 for d in model.layer_devices} | {model.device.index or 0})
-        per = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in devs}
+        per = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in _gpus(model)}
         r["vram_mb"] = sum(per.values())
         if len(per) > 1:
             r["vram_per_device_mb"] = per
@@ -288,9 +293,8 @@ def main(argv=None):
     result = describe(model)
     if model.device.type == "cuda":
         # what the weights hold once loaded, and the peak while loading (the run's peak is "VRAM")
-        devs = sorted({d.index or 0 for d in model.layer_devices} | {model.device.index or 0})
-        result["vram_weights_mb"] = sum(torch.cuda.memory_allocated(d) for d in devs) / 2**20
-        result["vram_load_peak_mb"] = sum(torch.cuda.max_memory_allocated(d) for d in devs) / 2**20
+        result["vram_weights_mb"] = sum(torch.cuda.memory_allocated(d) for d in _gpus(model)) / 2**20
+        result["vram_load_peak_mb"] = sum(torch.cuda.max_memory_allocated(d) for d in _gpus(model)) / 2**20
     result["seq_len"] = args.length
     if args.speed:
         result.update(speed(model, args.length, graphs=not args.no_graphs, lora=lora))

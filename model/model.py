@@ -66,10 +66,11 @@ class LlamaModel(nn.Module):
         """Move every weight to its device/dtype once loading is complete."""
         dt, wdt = self.dtype, self.runtime.torch_weight_dtype()
         dequant = self.device.type == "cpu" and not self.runtime.keep_q4
-        self.layer_devices = self._plan_devices()
+        host_embed = self._embed_in_host_memory()
+        self.layer_devices = self._plan_devices(host_embed)
         if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
             self.lm_head.set_dense(self.embed_tokens)
-        if self._embed_in_host_memory():
+        if host_embed:
             # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
             # graph-safe, unlike a CPU lookup followed by a copy.
             self.embed_tokens = self.embed_tokens.to("cpu", dt).pin_memory()
@@ -117,7 +118,7 @@ class LlamaModel(nn.Module):
             elif isinstance(mod, RMSNorm):
                 mod.weight = mod.weight.to(dev, torch.float32)
 
-    def _plan_devices(self) -> list[torch.device]:
+    def _plan_devices(self, embed_on_cpu: bool) -> list[torch.device]:
         split = self.runtime.gpu_split
         n = self.cfg.num_hidden_layers
         if not split or self.device.type != "cuda":
@@ -126,13 +127,13 @@ class LlamaModel(nn.Module):
         costs = sp.costs_for(self.cfg, self.runtime.max_seq_len)
         if split == "auto":
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-            plan = sp.plan_auto(n, costs, free, embed_on_cpu=self._embed_in_host_memory())
+            plan = sp.plan_auto(n, costs, free, embed_on_cpu=embed_on_cpu)
         else:
             if len(split) > torch.cuda.device_count():
                 raise sp.SplitError(f"gpu split {split} names {len(split)} devices, "
                                     f"but {torch.cuda.device_count()} are visible")
             plan = sp.plan_manual(n, costs, split)
-        for line in sp.describe(plan, costs, max(plan) + 1, embed_on_cpu=self._embed_in_host_memory()):
+        for line in sp.describe(plan, costs, max(plan) + 1, embed_on_cpu=embed_on_cpu):
             print(line, file=sys.stderr)
         return [torch.device("cuda", d) for d in plan]
 
