@@ -31,6 +31,7 @@ SOURCES = (
     "q4_gemm_m4_5.cu",
     "q4_gemm_m6_7_8.cu",
     "q4_dequant.cu",
+    "q4_mma.cu",
     "norm.cu",
     "rotary.cu",
     "act.cu",

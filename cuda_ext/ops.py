@@ -47,9 +47,9 @@ def _aligned(t: torch.Tensor, n: int = 16) -> bool:
 
 # ---- q4 ---------------------------------------------------------------------------------
 
-def _dequant_torch(qweight, scales, offsets, dtype):
-    from model.quant import dequantize  # reference; only reached for non-fp16 activations
-    return dequantize(qweight, scales, offsets, dtype)
+def _dequant_torch(qweight, scales, offsets, dtype, mma=False):
+    from model.quant import dequantize, from_mma_layout  # reference; only reached for non-fp16 activations
+    return dequantize(from_mma_layout(qweight) if mma else qweight, scales, offsets, dtype)
 
 
 def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -57,7 +57,7 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   tn: int = 0, splits: int = 0, variant: int = -1, pdl: int = -1,
                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-                  silu_up: bool = False) -> torch.Tensor:
+                  silu_up: bool = False, mma: bool = False) -> torch.Tensor:
     """out [M, N] = x [M, K][:, perm] @ W + bias + residual for M <= 8 (fp16 in and out, fp32 sums).
 
     tn (32/64/128 columns a block), splits (K splits) and variant pick a kernel configuration;
@@ -69,6 +69,8 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     Fused prologues (decode): `norm_weight` [K] makes it rms_norm(x, norm_weight, norm_eps) @ W (x rows
     normalised over K in each block); `silu_up` takes x = gate|up [M, 2K] and computes silu(gate) * up @ W.
     Both round the transformed x to fp16, as the separate kernels store it.
+    mma: qweight is in the mma layout (model/quant.py) and the tensor-core kernel runs (tn is ignored;
+    variant indexes its own variants, see q4_mma_variant_name).
     """
     if x.dim() != 2:
         raise ValueError(f"q4_gemm_small: x must be [M, K], got {tuple(x.shape)}")
@@ -84,24 +86,26 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if residual is not None:
         residual = residual.reshape(out.shape)
     _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl,
-                         norm_weight, float(norm_eps), bool(silu_up))
+                         norm_weight, float(norm_eps), bool(silu_up), bool(mma))
     return out
 
 
 def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-               perm: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp16 [K, N] = scales * q + offsets (rows of the sorted weight scattered to perm[k] if perm is given)."""
+               perm: torch.Tensor | None = None, *, out: torch.Tensor | None = None, mma: bool = False) -> torch.Tensor:
+    """fp16 [K, N] = scales * q + offsets (rows of the sorted weight scattered to perm[k] if perm is given);
+    mma: qweight in the mma layout (column slices at multiples of 16)."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if out is None:
         out = torch.empty((K, N), dtype=torch.float16, device=qweight.device)
-    _ext().q4_dequant(qweight, scales, offsets, perm, out)
+    _ext().q4_dequant(qweight, scales, offsets, perm, out, bool(mma))
     return out
 
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
               perm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [..., N] = x[..., perm] @ W + bias + residual; the small-M kernel for <= 8 rows, else dequant + cuBLAS."""
+              residual: torch.Tensor | None = None, out: torch.Tensor | None = None, mma: bool = False) -> torch.Tensor:
+    """y [..., N] = x[..., perm] @ W + bias + residual; the small-M kernel for <= 8 rows, else dequant + cuBLAS.
+    mma: qweight is in the mma layout (tensor-core kernel, and the matching dequantization)."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if x.shape[-1] != K:
         raise ValueError(f"q4_matmul: x has {x.shape[-1]} features, the weight takes K={K}")
@@ -111,7 +115,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
 
     if x.dtype != torch.float16:
         xs = x2.index_select(1, perm) if perm is not None else x2
-        y = xs @ _dequant_torch(qweight, scales, offsets, x.dtype)
+        y = xs @ _dequant_torch(qweight, scales, offsets, x.dtype, mma)
         if bias is not None:
             y = y + bias.to(y.dtype)
         if residual is not None:
@@ -123,7 +127,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
 
     out2 = out.reshape(M, N) if out is not None else None
     if 1 <= M <= SMALL_M_MAX and N % 4 == 0:
-        y = q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual, out=out2)
+        y = q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual, out=out2, mma=mma)
     else:
         y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
         res2 = residual.reshape(M, N) if residual is not None else None
@@ -132,7 +136,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         for c0 in range(0, N, width):
             c1 = min(N, c0 + width)
             w = q4_dequant(qweight[:, c0:c1], scales[:, c0:c1], offsets[:, c0:c1], perm,
-                           out=scratch[:K * (c1 - c0)].view(K, c1 - c0))
+                           out=scratch[:K * (c1 - c0)].view(K, c1 - c0), mma=mma)
             # bias / residual enter as cuBLAS's beta * C; torch writes a column slice through a temporary
             part = y if width >= N else y[:, c0:c1]
             base = res2[:, c0:c1] if res2 is not None else None

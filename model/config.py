@@ -150,6 +150,8 @@ class RuntimeConfig:
     # turn them off (to compare, or to rule them out).
     fused_decode: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_DECODE", "1") != "0")
     fused_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_GEMV", "1") != "0")
+    # 4-bit weights in the mma layout read by the tensor-core GEMV (GPUs, fp16); EXLLAMA_MMA_GEMV=0: row layout
+    mma_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_MMA_GEMV", "1") != "0")
     embed_on_cpu: bool | None = None   # GPUs: the token embedding table in pinned host memory, read by
                                        # the GPU (no VRAM); None: when the LM head does not share it
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible

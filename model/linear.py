@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .ops import Ops
-from .quant import dequantize
+from .quant import dequantize, from_mma_layout, mma_layout_ok, to_mma_layout
 
 
 class Linear(nn.Module):
@@ -17,6 +17,8 @@ class Linear(nn.Module):
         self.ops = ops
         self.weight: torch.Tensor | None = None     # dense [N, K]
         self.qweight = self.scales = self.offsets = self.perm = None
+        self.mma = False                              # qweight in the mma layout (GPUs, quant.py)
+        self.views: list[Linear] = []                 # parts whose tensors view this one's (fuse)
         self.bias: torch.Tensor | None = None
         self.lora: dict = {}                          # adapter name -> (A [r, K], B [N, r], scale)
 
@@ -32,15 +34,28 @@ class Linear(nn.Module):
         self.weight, self.bias = weight, bias
         self.qweight = self.scales = self.offsets = self.perm = None
 
-    def set_q4(self, qweight, scales, offsets, perm=None, bias=None):
+    def set_q4(self, qweight, scales, offsets, perm=None, bias=None, mma=False):
         self.qweight, self.scales, self.offsets, self.perm, self.bias = qweight, scales, offsets, perm, bias
-        self.weight = None
+        self.weight, self.mma = None, mma
+
+    def use_mma_layout(self) -> bool:
+        """Rewrite qweight (and so the views of it) in place into the mma layout of the tensor-core GEMV,
+        where every part takes it; returns whether it did."""
+        if not self.quantized or self.mma:
+            return self.mma
+        if not all(mma_layout_ok(p.in_features, p.out_features, p.scales.shape[0]) for p in [self, *self.views]):
+            return False
+        self.qweight.copy_(to_mma_layout(self.qweight))
+        for p in [self, *self.views]:
+            p.mma = True
+        return True
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W [N, K] in natural input order (undoing act-order), for tests and export."""
         if not self.quantized:
             return self.weight.to(dtype)
-        wt = dequantize(self.qweight, self.scales, self.offsets, dtype)   # rows in perm order
+        qweight = from_mma_layout(self.qweight) if self.mma else self.qweight
+        wt = dequantize(qweight, self.scales, self.offsets, dtype)   # rows in perm order
         if self.perm is not None:
             full = torch.empty_like(wt)
             full[self.perm] = wt
@@ -75,7 +90,8 @@ class Linear(nn.Module):
             norm, silu = None, False
         if self.quantized:
             y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm, self.bias, residual,
-                                   norm=(norm.weight, norm.eps) if norm is not None else None, silu=silu)
+                                   norm=(norm.weight, norm.eps) if norm is not None else None, silu=silu,
+                                   mma=self.mma)
             residual = None
         elif self.weight.dtype == x.dtype:
             y = torch.nn.functional.linear(x, self.weight)
@@ -111,12 +127,15 @@ def fuse(parts: list[Linear]) -> Linear | None:
            for p in parts):
         return None
     fused = Linear(first.in_features, sum(p.out_features for p in parts), first.ops)
+    if any(p.mma for p in parts):
+        return None                       # fuse before choosing the layout (model.finalize)
     fused.set_q4(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
                  torch.cat([p.offsets for p in parts], 1), first.perm)
     col = 0
     for p in parts:
         n = p.out_features
         p.set_q4(fused.qweight[:, col:col + n], fused.scales[:, col:col + n], fused.offsets[:, col:col + n],
-                 fused.perm)
+                 fused.perm, mma=fused.mma)
         col += n
+    fused.views = list(parts)
     return fused

@@ -89,9 +89,19 @@ class LlamaModel(nn.Module):
                 a, m = layer.self_attn, layer.mlp
                 a.qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
                 m.gate_up = fuse([m.gate_proj, m.up_proj])
+            if self.runtime.mma_gemv and dt == torch.float16:
+                self._use_mma_layout()
         for dev in set(self.layer_devices) | {self.device}:
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
         return self
+
+    def _use_mma_layout(self):
+        """4-bit weights on GPUs with the kernels go into the tensor-core GEMV's layout (in place)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.quantized]
+        views = {id(v) for m in linears for v in m.views}
+        for lin in linears:
+            if id(lin) not in views and self.ops.kernels_for(lin.qweight):
+                lin.use_mma_layout()
 
     def _embed_in_host_memory(self) -> bool:
         """The table stays in host memory on GPUs when the LM head does not share it and the kernel

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import dequantize
+from .quant import dequantize, from_mma_layout
 
 
 
@@ -34,8 +34,10 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def q4_matmul_dequant(x, qweight, scales, offsets, perm):
+def q4_matmul_dequant(x, qweight, scales, offsets, perm, mma=False):
     """x[..., perm] @ W^T with W dequantized to x's dtype (the reference path on any device)."""
+    if mma:
+        qweight = from_mma_layout(qweight)
     if perm is not None:
         x = x.index_select(-1, perm)
     return x @ dequantize(qweight, scales, offsets, x.dtype)
@@ -136,8 +138,10 @@ class Ops:
             return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
         return decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad)
 
-    def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False):
-        """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds).
+    def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False,
+                  mma=False):
+        """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds); mma: qweight is in the mma
+        layout (quant.py), read by the tensor-core kernels.
 
         norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
         silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue; for
@@ -151,7 +155,7 @@ class Ops:
                 x2 = x.reshape(rows, x.shape[-1])
                 nw, eps = norm if norm is not None else (None, 0.0)
                 y = k.q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual,
-                                    norm_weight=nw, norm_eps=eps, silu_up=silu)
+                                    norm_weight=nw, norm_eps=eps, silu_up=silu, mma=mma)
                 return y.reshape(*x.shape[:-1], qweight.shape[1])
             if norm is not None:
                 x = self.rms_norm(x, norm[0], norm[1])
@@ -163,8 +167,8 @@ class Ops:
                 else:
                     x = self.silu_mul(x[..., :f], x[..., f:])
         if k:
-            return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual)
-        y = q4_matmul_dequant(x, qweight, scales, offsets, perm)
+            return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual, mma=mma)
+        y = q4_matmul_dequant(x, qweight, scales, offsets, perm, mma)
         if bias is not None:
             y = y + bias
         return y if residual is None else y + residual

@@ -5,6 +5,7 @@ and compares by relative error ||out - ref|| / ||ref|| against an fp32 reference
   q4 products (fp16 out, fp32 sums)     < 2e-3
   rms_norm / silu_mul / rotary          < 2e-3   (one fp16 rounding of the output dominates)
   q4_dequant                            bit-exact vs the fp32 reference cast to fp16
+The tensor-core GEMV (mma=True, weights in the mma layout) is held to the same tolerances.
 Skipped as a whole without a CUDA device or when the extension cannot build.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ if not build.is_available():
     pytest.skip(f"extension unavailable: {build.failure_reason()}", allow_module_level=True)
 
 from cuda_ext import ops  # noqa: E402
-from model.quant import dequantize, pack_int4, q4_matmul_ref  # noqa: E402
+from model.quant import dequantize, mma_layout_ok, pack_int4, q4_matmul_ref, to_mma_layout  # noqa: E402
 
 DEV = torch.device("cuda")
 Q4_TOL = 2e-3
@@ -446,30 +447,34 @@ def test_silu_mul_fused_halves():
 
 @pytest.mark.parametrize("K,N,gs", [(576, 960, 64), (4096, 12288, 128), (1536, 576, 32)])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_q4_gemm_small_fused_norm(K, N, gs, act_order):
+@pytest.mark.parametrize("mma", [False, True])
+def test_q4_gemm_small_fused_norm(K, N, gs, act_order, mma):
     qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    wq = to_mma_layout(qw) if mma else qw
     w = (torch.rand(K, device=DEV) + 0.5).float()
     for M in (1, 2, 3, 8):
         x = (torch.randn(M, K, device=DEV) * 3).half()
         res = torch.randn(M, N, device=DEV).half()
         xn = rms_ref(x, w, 1e-5).half()                 # what rms_norm stores
         out = poison((M, N))
-        ops.q4_gemm_small(x, qw, sc, of, perm, residual=res, out=out, norm_weight=w, norm_eps=1e-5)
+        ops.q4_gemm_small(x, wq, sc, of, perm, residual=res, out=out, norm_weight=w, norm_eps=1e-5, mma=mma)
         err = rel_err(out, ref_q4(xn, qw, sc, of, perm, residual=res))
         assert err < Q4_TOL, f"M={M}: rel err {err:.2e}"
-        unfused = ops.q4_gemm_small(ops.rms_norm(x, w, 1e-5), qw, sc, of, perm, residual=res)
+        unfused = ops.q4_gemm_small(ops.rms_norm(x, w, 1e-5), wq, sc, of, perm, residual=res, mma=mma)
         assert rel_err(out, unfused.float()) < 1e-3
 
 
 @pytest.mark.parametrize("K,N,gs", [(1536, 576, 64), (11008, 4096, 128)])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_q4_gemm_small_fused_silu(K, N, gs, act_order):
+@pytest.mark.parametrize("mma", [False, True])
+def test_q4_gemm_small_fused_silu(K, N, gs, act_order, mma):
     qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    wq = to_mma_layout(qw) if mma else qw
     for M in (1, 4, 8):
         gu = (torch.randn(M, 2 * K, device=DEV) * 2).half()
         a = (torch.nn.functional.silu(gu[:, :K].float()) * gu[:, K:].float()).half()
         out = poison((M, N))
-        ops.q4_gemm_small(gu, qw, sc, of, perm, out=out, silu_up=True)
+        ops.q4_gemm_small(gu, wq, sc, of, perm, out=out, silu_up=True, mma=mma)
         err = rel_err(out, ref_q4(a, qw, sc, of, perm))
         assert err < Q4_TOL, f"M={M}: rel err {err:.2e}"
 
@@ -491,6 +496,113 @@ def test_model_ops_fused_matmul_matches_reference():
         b = ref.q4_matmul(gu.float(), qw, sc, of, perm, silu=True)
         a = gpu.q4_matmul(gu, qw, sc, of, perm, silu=True)
         assert rel_err(a, b) < Q4_TOL
+
+
+# ---- tensor-core GEMV and dequantization on the mma layout ---------------------------------
+
+@pytest.mark.parametrize("K,N", SHAPES + [(4096, 12288), (4096, 22016), (4096, 32000), (576, 960)])
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_mma_shapes(K, N, gs, act_order):
+    gs = gs or K
+    if K % gs or not mma_layout_ok(K, N, K // gs):
+        pytest.skip("no mma layout for this shape / group size")
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    wq = to_mma_layout(qw)
+    for M in range(1, 9):
+        x = torch.randn(M, K, device=DEV).half()
+        out = poison((M, N))
+        ops.q4_gemm_small(x, wq, sc, of, perm, out=out, mma=True)
+        err = rel_err(out, ref_q4(x, qw, sc, of, perm))
+        assert err < Q4_TOL, f"M={M} K={K} N={N} gs={gs} act_order={act_order}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("K,N,gs", [(4096, 1536, 128), (576, 960, 32), (11008, 528, 128), (1536, 576, 64),
+                                    (4096, 4096, 4096)])
+def test_q4_mma_variants_splits_pdl(M, K, N, gs):
+    """Every kernel instance, split count (uneven, and more than the warps' units) and PDL mode;
+    N = 528 leaves the last block half outside the matrix."""
+    qw, sc, of, perm = make_q4(K, N, gs, act_order=True)
+    wq = to_mma_layout(qw)
+    x = torch.randn(M, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    res = torch.randn(M, N, device=DEV).half()
+    ref = ref_q4(x, qw, sc, of, perm, bias, res)
+    torch.cuda.synchronize()  # forced PDL reads the weights before waiting on the previous kernel
+    ext = build.load()
+    for v in range(ext.q4_mma_num_variants()):
+        for splits in (0, 1, 2, 3, 7, 1000):
+            for pdl in (0, 1, 2):
+                out = poison((M, N))
+                ops.q4_gemm_small(x, wq, sc, of, perm, bias=bias, residual=res, out=out, variant=v, splits=splits,
+                                  pdl=pdl, mma=True)
+                err = rel_err(out, ref)
+                assert err < Q4_TOL, f"{ext.q4_mma_variant_name(v)} splits {splits} pdl {pdl}: {err:.2e}"
+
+
+def test_q4_mma_inplace_residual_deterministic_and_graph():
+    K, N, M = 4096, 4096, 2
+    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
+    wq = to_mma_layout(qw)
+    x = torch.randn(M, K, device=DEV).half()
+    acc = torch.randn(M, N, device=DEV).half()
+    ref = ref_q4(x, qw, sc, of, perm, residual=acc)
+    ops.q4_gemm_small(x, wq, sc, of, perm, residual=acc, out=acc, mma=True)
+    assert rel_err(acc, ref) < Q4_TOL
+    a = ops.q4_gemm_small(x, wq, sc, of, perm, mma=True)
+    b = ops.q4_gemm_small(x, wq, sc, of, perm.to(torch.int32), mma=True)
+    assert torch.equal(a, b)
+    out = torch.empty(M, N, device=DEV, dtype=torch.float16)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        ops.q4_gemm_small(x, wq, sc, of, perm, out=out, mma=True)      # eager warm-up (split-K counters)
+        with torch.cuda.graph(g, stream=s):
+            ops.q4_gemm_small(x, wq, sc, of, perm, out=out, mma=True)
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, device=DEV).half())
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ops.q4_gemm_small(x, wq, sc, of, perm, mma=True))
+
+
+def test_q4_mma_rejects_shapes_without_the_layout():
+    qw, sc, of, _ = make_q4(576, 200, 64)                    # N % 16 != 0
+    with pytest.raises(RuntimeError, match="no kernel configuration"):
+        ops.q4_gemm_small(torch.randn(1, 576, device=DEV).half(), qw, sc, of, mma=True)
+    qw, sc, of, _ = make_q4(4096, 256, 16)                   # group size 16
+    with pytest.raises(RuntimeError, match="mma layout"):
+        ops.q4_dequant(qw, sc, of, mma=True)
+
+
+@pytest.mark.parametrize("K,N,gs", [(576, 960, 32), (1536, 576, 64), (4096, 1040, 128), (11008, 4096, 128),
+                                    (4096, 512, 4096)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_q4_dequant_mma_exact(K, N, gs, act_order):
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    wq = to_mma_layout(qw)
+    out = poison((K, N))
+    ops.q4_dequant(wq, sc, of, perm, out=out, mma=True)
+    ref = dequantize(qw, sc, of, torch.float32).half()
+    assert torch.equal(out[perm] if perm is not None else out, ref)
+    for c0, c1 in ((0, 128), (128, N - N % 128 or N), (N - 16, N)):    # column slices, as the prompt path takes them
+        part = poison((K, c1 - c0))
+        ops.q4_dequant(wq[:, c0:c1], sc[:, c0:c1], of[:, c0:c1], perm, out=part, mma=True)
+        assert torch.equal(part, out[:, c0:c1])
+
+
+@pytest.mark.parametrize("lead", [(1,), (5,), (9,), (300,)])
+def test_q4_matmul_mma_dispatch(lead):
+    K, N = 4096, 1536
+    qw, sc, of, perm = make_q4(K, N, 128, act_order=True)
+    wq = to_mma_layout(qw)
+    x = torch.randn(*lead, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    y = ops.q4_matmul(x, wq, sc, of, perm, bias=bias, mma=True)
+    assert rel_err(y, ref_q4(x, qw, sc, of, perm, bias)) < Q4_TOL
+    yb = ops.q4_matmul(x.bfloat16(), wq, sc, of, perm, mma=True)       # the torch path undoes the layout
+    assert rel_err(yb, ref_q4(x, qw, sc, of, perm)) < 1e-2
 
 
 # ---- decode step: rope_kv_write, decode_attention -------------------------------------------

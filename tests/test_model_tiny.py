@@ -4,7 +4,8 @@ import torch
 
 from tiny import gptq_checkpoint, hf_tiny, load_ours, save_hf
 
-from model.quant import dequantize, from_gptq, pack_int4, unpack_int4, pack_cols_int4, unpack_cols_int4
+from model.quant import (dequantize, from_gptq, from_mma_layout, mma_layout_ok, pack_int4, unpack_int4, pack_cols_int4,
+                         to_mma_layout, unpack_cols_int4)
 
 
 def rel(a, b):
@@ -157,6 +158,45 @@ def test_fused_projections_equal_separate(tmp_path):
     assert separate.layers[0].self_attn.qkv is None
     ids = torch.randint(0, 96, (1, 12))
     assert rel(fused(ids, last_only=False), separate(ids, last_only=False)) < 1e-5
+
+
+def test_mma_layout_is_the_documented_nibble_permutation():
+    """quant.py's mma layout (what the tensor-core GEMV reads) against its formula, element by element."""
+    K, N = 128, 48
+    q = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    m = to_mma_layout(pack_int4(q))
+    nib = unpack_int4(m).view(K // 8, 8, N)                 # [packed row, nibble, column]
+    r, i, col = torch.meshgrid(torch.arange(K // 8), torch.arange(8), torch.arange(N), indexing="ij")
+    c, g = r // 8, r % 8
+    j, t, s = col // 16, (col % 16) // 4, col % 4
+    n = 16 * j + g + 8 * (i & 1)
+    k = 64 * c + 16 * s + 2 * t + 8 * ((i >> 1) & 1) + (i >> 2)
+    assert torch.equal(nib.long(), q[k, n].long())
+    assert torch.equal(from_mma_layout(m), pack_int4(q))
+    # column slices at multiples of 16 are the layout of the slice (fused q|k|v parts stay valid views)
+    assert torch.equal(m[:, 16:48], to_mma_layout(pack_int4(q[:, 16:48])))
+    assert mma_layout_ok(4096, 12288, 32) and mma_layout_ok(576, 960, 18) and mma_layout_ok(11008, 4096, 1)
+    assert not mma_layout_ok(576, 200, 18) and not mma_layout_ok(4096, 256, 256) and not mma_layout_ok(4104, 16, 1)
+
+
+@pytest.mark.parametrize("act_order", [False, True])     # with act-order q|k|v stay separate layers
+def test_model_in_mma_layout_gives_the_same_output(tmp_path, act_order):
+    """Switching the 4-bit layers (fused ones and their views) to the mma layout changes nothing but the layout."""
+    hf = hf_tiny(seed=9, hidden_size=128, intermediate_size=256)
+    folder = gptq_checkpoint(hf, tmp_path / "q", 32, False, act_order)
+    model = load_ours(folder, keep_q4=True)
+    ids = torch.randint(0, 96, (1, 10))
+    before = model(ids, last_only=False)
+    attn = model.layers[0].self_attn
+    w_q = attn.q_proj.dense_weight()
+    views = {id(v) for m in model.modules() for v in getattr(m, "views", [])}
+    linears = [m for m in model.modules() if getattr(m, "quantized", False) and id(m) not in views]
+    assert all(lin.use_mma_layout() for lin in linears)
+    assert attn.q_proj.mma and model.layers[0].mlp.down_proj.mma
+    if not act_order:
+        assert attn.qkv.mma and attn.q_proj.qweight.data_ptr() == attn.qkv.qweight.data_ptr()
+    assert torch.equal(attn.q_proj.dense_weight(), w_q)
+    assert torch.equal(model(ids, last_only=False), before)
 
 
 def test_layers_split_over_devices_give_the_same_output(tmp_path):

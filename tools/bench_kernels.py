@@ -149,27 +149,29 @@ LAYER_135M = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 
 
 def compare_variants(ext, only=None):
-    """Each M=1 inner-loop variant (or those named in `only`) with its automatic plan: per 7B layer
-    shape and as a layer chain."""
+    """Each M=1 inner-loop variant (or those named in `only`; the tensor-core kernel's are "mma:NAME")
+    with its automatic plan: per 7B layer shape and as a layer chain. Random words are valid weights
+    in either layout, so both kernels read the same kind of data."""
     out = {}
-    for v in range(ext.q4_gemm_num_variants(1)):
-        name = ext.q4_gemm_variant_name(1, v)
+    kinds = [(v, ext.q4_gemm_variant_name(1, v), False) for v in range(ext.q4_gemm_num_variants(1))]
+    kinds += [(v, "mma:" + ext.q4_mma_variant_name(v), True) for v in range(ext.q4_mma_num_variants())]
+    for v, name, mma in kinds:
         if only and name not in only:
             continue
         per = {}
         for K, N in LAYER_7B:
             sets = make_sets(K, N, 128)
-            per[f"{K}x{N}"] = round(bench_q4(sets, K, N, 128, variant=v)[0], 2)
+            per[f"{K}x{N}"] = round(bench_q4(sets, K, N, 128, variant=v, mma=mma)[0], 2)
             del sets
-        chain7 = bench_layer_chain(LAYER_7B, 128, 4, variant=v, pdls=(-1,))["pdl1"]["us_per_layer"]
-        chain135 = bench_layer_chain(LAYER_135M, 64, 64, variant=v, pdls=(-1,))["pdl1"]["us_per_layer"]
+        chain7 = bench_layer_chain(LAYER_7B, 128, 4, variant=v, pdls=(-1,), mma=mma)["pdl1"]["us_per_layer"]
+        chain135 = bench_layer_chain(LAYER_135M, 64, 64, variant=v, pdls=(-1,), mma=mma)["pdl1"]["us_per_layer"]
         out[name] = dict(shapes_us=per, layer7b_us=round(chain7, 2), layer135m_us=round(chain135, 2))
         print(f"variant {name:10s} 7B layer {chain7:6.2f} us, 135M layer {chain135:5.2f} us; {per}", flush=True)
         torch.cuda.empty_cache()
     return out
 
 
-def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2)):
+def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2), mma=False):
     """A decoder layer's four q4 GEMVs back to back, several layers rotated; per PDL mode."""
     layers = [[q4_layer(K, N, gs) for K, N in shapes] for _ in range(n_layers)]
     xs = {K: torch.randn(M, K, device=DEV).half() for K, _ in shapes}
@@ -182,7 +184,7 @@ def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2)):
         for layer in layers:
             for (K, N), w in zip(shapes, layer):
                 calls.append(lambda K=K, N=N, w=w, pdl=pdl: ops.q4_gemm_small(xs[K], *w, out=outs[N], pdl=pdl,
-                                                                              variant=variant))
+                                                                              variant=variant, mma=mma))
         us, _ = time_calls(calls * reps)
         res[{-1: "pdl1", 0: "nopdl", 2: "pdl2"}[pdl]] = dict(us_per_layer=us * 4, gbps=per / (us * 4e-6) / 1e9)
     del layers
@@ -208,9 +210,10 @@ def bench_prefill(K, N, gs, M=2048):
     out = torch.empty(M, N, device=DEV).half()
     flop = 2.0 * M * K * N
     t_deq, _ = time_calls([lambda: ops.q4_dequant(qw, sc, of, out=w)] * 8)
+    t_deq_mma, _ = time_calls([lambda: ops.q4_dequant(qw, sc, of, out=w, mma=True)] * 8)
     t_mm, _ = time_calls([lambda: torch.matmul(x, w, out=out)] * 8)
     t_all, _ = time_calls([lambda: ops.q4_matmul(x, qw, sc, of, out=out)] * 8)
-    return dict(dequant_us=t_deq, cublas_us=t_mm, total_us=t_all,
+    return dict(dequant_us=t_deq, dequant_mma_us=t_deq_mma, cublas_us=t_mm, total_us=t_all,
                 cublas_tflops=flop / (t_mm * 1e-6) / 1e12, total_tflops=flop / (t_all * 1e-6) / 1e12)
 
 

@@ -5,6 +5,8 @@
 # PROFILE=1 adds kernel profiles of a 1920-token prefill and of eager decode steps per random model.
 # PROBE=1 first times pure-read kernels (tools/probe/read_ceiling.cu); LORA=1 adds tools/bench_lora.py per model.
 # BASELINE=0 skips the second benchmark (fused decode kernels off, EXLLAMA_FUSED_*=0) after each model; SKIP_KERNEL_TESTS=1 skips test_kernels.py.
+# TEST_FILTER="expr" runs only the tests pytest -k selects; VARIANTS=1 times every GEMV variant (tools/bench_kernels.py
+# --variants); MMA_AB=1 adds a benchmark with the row-layout CUDA-core GEMV (EXLLAMA_MMA_GEMV=0) after each model.
 source "$(dirname "$0")/gpu_env.sh" gpu_model_out
 SHAPES=${*:-7b}
 [ "$SHAPES" = none ] && SHAPES=""
@@ -32,8 +34,12 @@ TESTS="tests/test_kernels.py tests/test_gpu_fused.py"
 [ -n "${SKIP_KERNEL_TESTS:-}" ] && TESTS=""
 [ -n "$HAVE_EMBEDDED" ] && TESTS="$TESTS tests/test_gpu_model.py"
 echo "== GPU tests: $TESTS" | tee -a "$OUT/summary.txt"
-timeout 400 $PY -m pytest -q -p no:cacheprovider $TESTS -s 2>&1 \
+timeout 400 $PY -m pytest -q -p no:cacheprovider $TESTS -s ${TEST_FILTER:+-k "$TEST_FILTER"} 2>&1 \
   | tee "$OUT/tests.log" | grep -E "passed|failed|perplexity cpu|rel err|static step|Error" | tee -a "$OUT/summary.txt"
+if [ "${VARIANTS:-0}" = 1 ]; then
+  timeout 200 $PY tools/bench_kernels.py --variants > "$OUT/variants.txt" 2>&1
+  grep -E "variant|copy" "$OUT/variants.txt" | tee -a "$OUT/summary.txt"
+fi
 if [ -n "$HAVE_EMBEDDED" ]; then
   echo "== embedded model" | tee -a "$OUT/summary.txt"
   timeout 120 $PY benchmark.py -p -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
@@ -53,6 +59,10 @@ for s in $SHAPES; do
   if [ "${BASELINE:-1}" = 1 ]; then
     echo "== $s g128, fused decode off (EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0)" | tee -a "$OUT/summary.txt"
     EXLLAMA_FUSED_DECODE=0 EXLLAMA_FUSED_GEMV=0 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+  fi
+  if [ "${MMA_AB:-0}" = 1 ]; then
+    echo "== $s g128, row-layout GEMV (EXLLAMA_MMA_GEMV=0)" | tee -a "$OUT/summary.txt"
+    EXLLAMA_MMA_GEMV=0 timeout 240 $PY benchmark.py -p -d $d -l 2048 --json 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
   fi
   [ "${LORA:-0}" = 1 ] && timeout 240 $PY tools/bench_lora.py -d $d --tokens 128 --runs 3 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
   if [ "${PROFILE:-0}" = 1 ]; then

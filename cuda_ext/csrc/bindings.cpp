@@ -13,7 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"),
           py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("tn") = 0, py::arg("splits") = 0,
           py::arg("variant") = -1, py::arg("pdl") = -1, py::arg("norm_weight") = py::none(),
-          py::arg("norm_eps") = 0.0, py::arg("silu_up") = false);
+          py::arg("norm_eps") = 0.0, py::arg("silu_up") = false, py::arg("mma") = false);
     m.def("q4_gemm_plan", &q4_gemm_plan_info,
           "[tn, splits, rows_per_split, rows_per_trow, variant, tiles, smem_bytes] the kernel would use",
           py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("tn") = 0,
@@ -21,7 +21,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     m.def("q4_gemm_variant_name", &q4_gemm_variant_name_py, py::arg("M"), py::arg("variant"));
     m.def("q4_gemm_num_variants", &q4_gemm_num_variants_py, py::arg("M"));
     m.def("q4_dequant", &q4_dequant, "out[K, N] (fp16) = dequant(qweight, scales, offsets), row k to perm[k] if given",
-          py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"));
+          py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"),
+          py::arg("mma") = false);
+    // tensor-core GEMV on weights in the mma layout (q4_gemm_small(..., mma=True))
+    m.def("q4_mma_plan", &q4_mma_plan_info,
+          "[tn, splits, units_per_split, chunks_per_unit, variant, tiles, smem_bytes, fold_steps] of the mma kernel",
+          py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("splits") = 0,
+          py::arg("variant") = -1);
+    m.def("q4_mma_variant_name", &q4_mma_variant_name_py, py::arg("variant"));
+    m.def("q4_mma_num_variants", &q4_mma_num_variants_py);
+    m.def("q4_mma_supported", &q4_mma_supported_py, "whether the mma layout takes [K, N] with this many groups",
+          py::arg("K"), py::arg("N"), py::arg("groups"));
 
     // norms
     m.def("rms_norm", &rms_norm, "out = x * rsqrt(mean(x^2) + eps) * weight", py::arg("x"), py::arg("weight"),

@@ -10,13 +10,18 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                    torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
-                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up);
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up, bool mma);
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
                                        int64_t tn, int64_t splits, int64_t variant);
 std::string q4_gemm_variant_name_py(int64_t M, int64_t variant);
 int64_t q4_gemm_num_variants_py(int64_t M);
 void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
-                const std::optional<torch::Tensor>& perm, torch::Tensor& out);
+                const std::optional<torch::Tensor>& perm, torch::Tensor& out, bool mma);
+std::vector<int64_t> q4_mma_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device, int64_t splits,
+                                      int64_t variant);
+std::string q4_mma_variant_name_py(int64_t variant);
+int64_t q4_mma_num_variants_py();
+bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups);
 
 // norms (ops_norm.cpp)
 void rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out);

@@ -3,6 +3,7 @@
 #include "checks.h"
 #include "q4_gemm.cuh"
 #include "q4_dequant.cuh"
+#include "q4_mma.cuh"
 #include "launch.h"
 
 #include <c10/cuda/CUDAStream.h>
@@ -136,7 +137,7 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                    const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                    torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
-                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up)
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up, bool mma)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
@@ -186,16 +187,28 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
 
     const c10::cuda::CUDAGuard guard(qweight.device());
     const int device = qweight.device().index();
-    const Q4GemmPlan plan = make_plan((int)M, (int)K, (int)N, (int)groups, device, (int)tn, (int)splits, (int)variant,
-                                      resolve_pdl(pdl, device, K, N));
-    EXL_CHECK(plan.splits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
-                " groups=", groups, " tn=", tn, " splits=", splits);
+    const int pdl_mode = resolve_pdl(pdl, device, K, N);
+    Q4GemmPlan plan{};
+    Q4MmaPlan mplan{};
+    if (mma)
+    {
+        const DeviceInfo d = device_info(device);
+        mplan = q4_mma_plan((int)M, (int)K, (int)N, (int)groups, d.sm_count, (size_t)d.smem_optin, d.cc_major,
+                            (int)splits, (int)variant, pdl_mode);
+    }
+    else
+    {
+        plan = make_plan((int)M, (int)K, (int)N, (int)groups, device, (int)tn, (int)splits, (int)variant, pdl_mode);
+    }
+    const int nsplits = mma ? mplan.splits : plan.splits;
+    EXL_CHECK(nsplits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
+                " groups=", groups, " tn=", tn, " splits=", splits, mma ? " (mma layout)" : "");
 
     torch::Tensor workspace;
     Q4GemmArgs a{};
-    if (plan.splits > 1)
+    if (nsplits > 1)
     {
-        workspace = torch::empty({(int64_t)plan.splits * M * N}, x.options().dtype(torch::kFloat32));
+        workspace = torch::empty({(int64_t)nsplits * M * N}, x.options().dtype(torch::kFloat32));
         a.workspace = workspace.data_ptr<float>();
         a.counters = tile_counters(qweight.device());
     }
@@ -222,7 +235,7 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
     a.gpr = (int)(K / groups / 8);
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    C10_CUDA_CHECK(q4_gemm_small_launch(plan, a, stream));
+    C10_CUDA_CHECK(mma ? q4_mma_launch(mplan, a, stream) : q4_gemm_small_launch(plan, a, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -238,10 +251,12 @@ std::string q4_gemm_variant_name_py(int64_t M, int64_t variant) { return q4_gemm
 int64_t q4_gemm_num_variants_py(int64_t M) { return q4_gemm_num_variants((int)M); }
 
 void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
-                const std::optional<torch::Tensor>& perm, torch::Tensor& out)
+                const std::optional<torch::Tensor>& perm, torch::Tensor& out, bool mma)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
+    EXL_CHECK(!mma || q4_mma_supported((int)K, (int)N, (int)groups), "q4_dequant: K=", K, " N=", N, " groups=",
+              groups, " has no mma layout (K % 64, N % 16, group size 32 or a multiple of 64)");
     EXL_CHECK_DTYPE(out, torch::kFloat16);
     EXL_CHECK_CONTIG(out);
     EXL_CHECK_SAME_DEVICE(out, qweight);
@@ -258,10 +273,26 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
         else p32 = perm->data_ptr<int32_t>();
     }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    C10_CUDA_CHECK(q4_dequant_launch(reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+    C10_CUDA_CHECK((mma ? q4_dequant_mma_launch : q4_dequant_launch)(reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
                                      reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
                                      reinterpret_cast<const half*>(offsets.data_ptr<at::Half>()), p32, p64,
                                      reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)K, (int)N, (int)groups,
                                      qweight.stride(0), scales.stride(0), pdl_auto(qweight.device().index()), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+std::vector<int64_t> q4_mma_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device, int64_t splits,
+                                      int64_t variant)
+{
+    const DeviceInfo d = device_info((int)device);
+    const Q4MmaPlan p = q4_mma_plan((int)M, (int)K, (int)N, (int)groups, d.sm_count, (size_t)d.smem_optin, d.cc_major,
+                                    (int)splits, (int)variant, 0);
+    return {p.tn, p.splits, p.units_per_split, p.chunks_per_unit, p.variant, p.tiles, (int64_t)p.smem_bytes,
+            p.fold_steps};
+}
+
+std::string q4_mma_variant_name_py(int64_t variant) { return q4_mma_variant_name((int)variant); }
+
+int64_t q4_mma_num_variants_py() { return q4_mma_num_variants(); }
+
+bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups) { return q4_mma_supported((int)K, (int)N, (int)groups); }

@@ -24,35 +24,9 @@
 // start instead of after the main loop; it never changes results, only how kernels overlap.
 #pragma once
 
-#include "q4_gemm.cuh"
-#include "common.cuh"
+#include "q4_common.cuh"
 
 namespace q4k {
-
-__device__ __forceinline__ uint64_t evict_first_policy()
-{
-    uint64_t pol;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    return pol;
-}
-
-// LM 0: plain read-only load; LM 1: no L1 allocation and an L2 evict-first hint (weights stream once).
-template <int LM>
-__device__ __forceinline__ uint4 load_w(const uint4* p, uint64_t pol)
-{
-    uint4 r;
-    if constexpr (LM == 0)
-    {
-        r = __ldg(p);
-    }
-    else
-    {
-        asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-            : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-            : "l"(p), "l"(pol));
-    }
-    return r;
-}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -212,33 +186,9 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     pdl_wait();                               // x, residual, out, workspace: only from here on
 
     const int xstride = a.x_stride > 0 ? a.x_stride : K;
-    // Fused RMSNorm: every block needs the whole row's sum of squares (x rows are short: 2-8 KB).
     __shared__ float norm_scratch[32];
     __shared__ float norm_inv[M];
-    if (a.norm_w)
-    {
-        #pragma unroll 1
-        for (int m = 0; m < M; ++m)
-        {
-            const half* xr = a.x + (size_t)m * xstride;
-            float ss = 0.f;
-            for (int c = tid; c < Kp; c += Q4_THREADS)
-            {
-                const uint4 raw = *reinterpret_cast<const uint4*>(xr + c * 8);
-                const half2* h = reinterpret_cast<const half2*>(&raw);
-                #pragma unroll
-                for (int j = 0; j < 4; ++j)
-                {
-                    const float2 f = __half22float2(h[j]);
-                    ss = fmaf(f.x, f.x, ss);
-                    ss = fmaf(f.y, f.y, ss);
-                }
-            }
-            const float total = block_sum(ss, norm_scratch);
-            if (tid == 0) norm_inv[m] = rsqrtf(total / (float)K + a.norm_eps);
-        }
-        __syncthreads();
-    }
+    if (a.norm_w) rows_norm_inv(a, M, xstride, norm_inv, norm_scratch);
 
     // Stage x[:, block's K range] into shared memory as fp32, with per-packed-row sums.
     for (int item = tid; item < M * nrows; item += Q4_THREADS)
@@ -246,51 +196,8 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         const int m = item / nrows;
         const int r = item - m * nrows;
         const int k0 = (pb0 + r) * 8;
-        const half* xr = a.x + (size_t)m * xstride;
-        const half* ur = a.x_up ? a.x_up + (size_t)m * xstride : nullptr;
         float v[8];
-        int kidx[8];
-        if (a.perm32)
-        {
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) kidx[j] = a.perm32[k0 + j];
-        }
-        else if (a.perm64)
-        {
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) kidx[j] = (int)a.perm64[k0 + j];
-        }
-        else
-        {
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) kidx[j] = k0 + j;
-        }
-        if (a.perm32 || a.perm64)
-        {
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __half2float(xr[kidx[j]]);
-        }
-        else
-        {
-            h8_to_f(*reinterpret_cast<const uint4*>(xr + k0), v);
-        }
-        if (a.norm_w)
-        {
-            // As rms_norm stores it: (x * inv) * w in fp32, rounded to fp16.
-            const float inv = norm_inv[m];
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __half2float(__float2half_rn(v[j] * inv * __ldg(a.norm_w + kidx[j])));
-        }
-        else if (ur)
-        {
-            // As silu_mul stores it: g / (1 + exp(-g)) * u in fp32, rounded to fp16.
-            #pragma unroll
-            for (int j = 0; j < 8; ++j)
-            {
-                const float u = __half2float(ur[kidx[j]]);
-                v[j] = __half2float(__float2half_rn(v[j] / (1.0f + __expf(-v[j])) * u));
-            }
-        }
+        load_x8(a, m, k0, xstride, norm_inv, v);
         float sum = 0.f;
         #pragma unroll
         for (int j = 0; j < 8; ++j) sum += v[j];
@@ -417,54 +324,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     }
     __syncthreads();
 
-    const int splits = gridDim.y;
-    for (int item = tid; item < M * tn; item += Q4_THREADS)
-    {
-        const int m = item / tn;
-        const int col = item - m * tn;
-        const int nn = tile * tn + col;
-        if (nn >= N) continue;
-        float v = 0.f;
-        #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) v += red[(w * M + m) * tn + col];
-        if (splits == 1)
-        {
-            if (a.bias) v += __half2float(a.bias[nn]);
-            if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
-            a.out[(size_t)m * N + nn] = __float2half_rn(v);
-        }
-        else
-        {
-            a.workspace[((size_t)split * M + m) * N + nn] = v;
-        }
-    }
-    if (splits == 1) return;
-
-    // Split-K: the last block to finish this column tile sums the partials in split order.
-    __shared__ int is_last;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0)
-    {
-        const int prev = atomicAdd(a.counters + tile, 1);
-        is_last = (prev == splits - 1);
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int item = tid; item < M * tn; item += Q4_THREADS)
-    {
-        const int m = item / tn;
-        const int col = item - m * tn;
-        const int nn = tile * tn + col;
-        if (nn >= N) continue;
-        float v = 0.f;
-        for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
-        if (a.bias) v += __half2float(a.bias[nn]);
-        if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
-        a.out[(size_t)m * N + nn] = __float2half_rn(v);
-    }
-    if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
+    finish_tile(a, red, NWARPS, M, tn, tile, split, gridDim.y);
 }
 
 }  // namespace q4k

@@ -1,0 +1,153 @@
+// Device helpers shared by the two q4 GEMV kernels (q4_gemm_kernel.cuh: CUDA cores, row layout;
+// q4_mma.cu: tensor cores, mma layout): weight loads, the fused x prologue, the output epilogue.
+#pragma once
+
+#include "q4_gemm.cuh"
+#include "common.cuh"
+
+namespace q4k {
+
+__device__ __forceinline__ uint64_t evict_first_policy()
+{
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    return pol;
+}
+
+// LM 0: plain read-only load; LM 1: no L1 allocation and an L2 evict-first hint (weights stream once).
+template <int LM>
+__device__ __forceinline__ uint4 load_w(const uint4* p, uint64_t pol)
+{
+    uint4 r;
+    if constexpr (LM == 0)
+    {
+        r = __ldg(p);
+    }
+    else
+    {
+        asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+            : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+            : "l"(p), "l"(pol));
+    }
+    return r;
+}
+
+// Fused RMSNorm: 1 / rms of each of the M rows of x over all K (every block needs the whole row;
+// rows are short, 2-16 KB). Writes norm_inv[m]; ends with a barrier.
+__device__ __forceinline__ void rows_norm_inv(const Q4GemmArgs& a, int M, int xstride, float* norm_inv,
+                                              float* scratch)
+{
+    const int Kp = a.K >> 3;
+    #pragma unroll 1
+    for (int m = 0; m < M; ++m)
+    {
+        const half* xr = a.x + (size_t)m * xstride;
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < Kp; c += blockDim.x)
+        {
+            float v[8];
+            h8_to_f(*reinterpret_cast<const uint4*>(xr + c * 8), v);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) ss = fmaf(v[j], v[j], ss);
+        }
+        const float total = block_sum(ss, scratch);
+        if (threadIdx.x == 0) norm_inv[m] = rsqrtf(total / (float)a.K + a.norm_eps);
+    }
+    __syncthreads();
+}
+
+// The 8 inputs x[m, perm[k0 .. k0 + 7]] as the GEMV consumes them: gathered through perm, through the
+// fused prologue (rms_norm or silu(gate) * up) and rounded to fp16 exactly as the separate kernel
+// would have stored them, returned as fp32.
+__device__ __forceinline__ void load_x8(const Q4GemmArgs& a, int m, int k0, int xstride, const float* norm_inv,
+                                        float (&v)[8])
+{
+    const half* xr = a.x + (size_t)m * xstride;
+    int kidx[8];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j)
+        kidx[j] = a.perm32 ? a.perm32[k0 + j] : (a.perm64 ? (int)a.perm64[k0 + j] : k0 + j);
+    if (a.perm32 || a.perm64)
+    {
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __half2float(xr[kidx[j]]);
+    }
+    else
+    {
+        h8_to_f(*reinterpret_cast<const uint4*>(xr + k0), v);
+    }
+    if (a.norm_w)
+    {
+        const float inv = norm_inv[m];
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __half2float(__float2half_rn(v[j] * inv * __ldg(a.norm_w + kidx[j])));
+    }
+    else if (a.x_up)
+    {
+        const half* ur = a.x_up + (size_t)m * xstride;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+        {
+            const float u = __half2float(ur[kidx[j]]);
+            v[j] = __half2float(__float2half_rn(v[j] / (1.0f + __expf(-v[j])) * u));
+        }
+    }
+}
+
+// Block epilogue: red [nwarps][M][tn] holds each warp's partial sums for the block's tn columns
+// (tile `tile`). Sums the warps in order; one split: + bias + residual -> out. Split-K: partials to
+// the fp32 workspace, and the last block of the column tile sums the splits in split order
+// (deterministic, no float atomics) and stores. Starts after a barrier that made red visible.
+__device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* red, int nwarps, int M, int tn,
+                                            int tile, int split, int splits)
+{
+    const int tid = threadIdx.x;
+    const int N = a.N;
+    for (int item = tid; item < M * tn; item += blockDim.x)
+    {
+        const int m = item / tn;
+        const int col = item - m * tn;
+        const int nn = tile * tn + col;
+        if (nn >= N) continue;
+        float v = 0.f;
+        for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];
+        if (splits == 1)
+        {
+            if (a.bias) v += __half2float(a.bias[nn]);
+            if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
+            a.out[(size_t)m * N + nn] = __float2half_rn(v);
+        }
+        else
+        {
+            a.workspace[((size_t)split * M + m) * N + nn] = v;
+        }
+    }
+    if (splits == 1) return;
+
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+    {
+        const int prev = atomicAdd(a.counters + tile, 1);
+        is_last = (prev == splits - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int item = tid; item < M * tn; item += blockDim.x)
+    {
+        const int m = item / tn;
+        const int col = item - m * tn;
+        const int nn = tile * tn + col;
+        if (nn >= N) continue;
+        float v = 0.f;
+        for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
+        if (a.bias) v += __half2float(a.bias[nn]);
+        if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
+        a.out[(size_t)m * N + nn] = __float2half_rn(v);
+    }
+    if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
+}
+
+}  // namespace q4k
