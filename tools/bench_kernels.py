@@ -165,28 +165,49 @@ def compare_variants(ext, only=None):
             del sets
         chain7 = bench_layer_chain(LAYER_7B, 128, 4, variant=v, pdls=(-1,), mma=mma)["pdl1"]["us_per_layer"]
         chain135 = bench_layer_chain(LAYER_135M, 64, 64, variant=v, pdls=(-1,), mma=mma)["pdl1"]["us_per_layer"]
-        out[name] = dict(shapes_us=per, layer7b_us=round(chain7, 2), layer135m_us=round(chain135, 2))
-        print(f"variant {name:10s} 7B layer {chain7:6.2f} us, 135M layer {chain135:5.2f} us; {per}", flush=True)
+        f7 = bench_layer_chain(LAYER_7B, 128, 4, variant=v, pdls=(-1,), mma=mma, fused=True)["pdl1"]
+        f135 = bench_layer_chain(LAYER_135M, 64, 64, variant=v, pdls=(-1,), mma=mma, fused=True)["pdl1"]
+        out[name] = dict(shapes_us=per, layer7b_us=round(chain7, 2), layer135m_us=round(chain135, 2),
+                         fused7b=f7, fused135m=f135)
+        print(f"variant {name:14s} 7B layer {chain7:6.2f} us, 135M layer {chain135:5.2f} us; {per}", flush=True)
+        print(f"  with the model's prologues/epilogues: 7B layer {f7['us_per_layer']:6.2f} us "
+              f"{[round(u, 2) for u in f7['per_kernel_us']]}, 135M layer {f135['us_per_layer']:5.2f} us "
+              f"{[round(u, 2) for u in f135['per_kernel_us']]}", flush=True)
         torch.cuda.empty_cache()
     return out
 
 
-def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2), mma=False):
-    """A decoder layer's four q4 GEMVs back to back, several layers rotated; per PDL mode."""
+def bench_layer_chain(shapes, gs, n_layers, M=1, variant=-1, pdls=(-1, 0, 2), mma=False, fused=False):
+    """A decoder layer's four q4 GEMVs back to back, several layers rotated; per PDL mode.
+    fused: as the model calls them (shapes in LAYER_* order): RMSNorm prologue on q|k|v and gate|up,
+    residual on o and down, SiLU-mul prologue on down; also times each kernel alone (per_kernel_us)."""
     layers = [[q4_layer(K, N, gs) for K, N in shapes] for _ in range(n_layers)]
     xs = {K: torch.randn(M, K, device=DEV).half() for K, _ in shapes}
     outs = {N: torch.empty(M, N, device=DEV).half() for _, N in shapes}
+    gu = torch.randn(M, 2 * shapes[3][0], device=DEV).half()
+    nw = torch.rand(shapes[0][0], device=DEV) + 0.5
+
+    def kw(i):
+        if not fused:
+            return {}
+        return [dict(norm_weight=nw, norm_eps=1e-5), dict(residual=outs[shapes[1][1]]), dict(norm_weight=nw, norm_eps=1e-5),
+                dict(silu_up=True, residual=outs[shapes[3][1]])][i]
+
+    def call(i, K, N, w, pdl):
+        x = gu if (fused and i == 3) else xs[K]
+        return lambda: ops.q4_gemm_small(x, *w, out=outs[N], pdl=pdl, variant=variant, mma=mma, **kw(i))
+
     per = sum(q4_bytes(K, N, gs, M) for K, N in shapes)
     reps = max(1, math.ceil(MIN_CALLS / (4 * n_layers)))
     res = {}
     for pdl in pdls:
-        calls = []
-        for layer in layers:
-            for (K, N), w in zip(shapes, layer):
-                calls.append(lambda K=K, N=N, w=w, pdl=pdl: ops.q4_gemm_small(xs[K], *w, out=outs[N], pdl=pdl,
-                                                                              variant=variant, mma=mma))
+        calls = [call(i, K, N, w, pdl) for layer in layers for i, ((K, N), w) in enumerate(zip(shapes, layer))]
         us, _ = time_calls(calls * reps)
         res[{-1: "pdl1", 0: "nopdl", 2: "pdl2"}[pdl]] = dict(us_per_layer=us * 4, gbps=per / (us * 4e-6) / 1e9)
+        if fused:
+            res[{-1: "pdl1", 0: "nopdl", 2: "pdl2"}[pdl]]["per_kernel_us"] = [
+                time_calls([call(i, K, N, layer[i], pdl) for layer in layers] * reps * 4)[0]
+                for i, (K, N) in enumerate(shapes)]
     del layers
     return res
 

@@ -32,6 +32,20 @@ __device__ __forceinline__ uint4 load_w(const uint4* p, uint64_t pol)
     return r;
 }
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint64_t pol)
+{
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "l"(pol) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Fused RMSNorm: 1 / rms of each of the M rows of x over all K (every block needs the whole row;
 // rows are short, 2-16 KB). Writes norm_inv[m]; ends with a barrier.
 __device__ __forceinline__ void rows_norm_inv(const Q4GemmArgs& a, int M, int xstride, float* norm_inv,

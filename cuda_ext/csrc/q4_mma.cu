@@ -12,6 +12,9 @@
 // Work split: a block owns tn = 16 NT columns and a K range (split-K over blockIdx.y, reduced as in
 // q4_gemm_small); its W warps take contiguous runs of K units (a unit ends on a fold boundary) and
 // are summed in the block. Each warp streams its weights U chunks (64 K) ahead in registers.
+// U == 0 (variants "-smem"): instead, every lane copies all its weights into shared memory with
+// cp.async at the start (before waiting on the previous kernel), so the block's whole slab is in
+// flight while x is staged; the planner then keeps a block's slab <= 64 KB.
 // FOLD_BIAS (variant "-fb"): skip the HSUB2s and subtract the magic numbers' 1024 / 64 times sum x
 // at the fold instead (fewer instructions, slightly less exact: the fp32 sums carry the offset).
 #include "q4_mma.cuh"
@@ -65,7 +68,7 @@ __device__ __forceinline__ uint32_t word(const uint4& w, int s)
 template <int W, int NT, int U, bool FOLD_BIAS>
 __global__ void __launch_bounds__(W * 32, 24 / W)
 q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_per_unit, const int fold_steps,
-              const int early_trigger)
+              const int early_trigger, const size_t wbuf_offset, const int warp_chunks)
 {
     extern __shared__ float4 smem4[];
     char* smem = reinterpret_cast<char*>(smem4);
@@ -106,13 +109,29 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
     }
 
     // Weights and scales never change between kernels: fetch them before waiting on the previous one.
-    uint4 wa[U][NT];
-    #pragma unroll
-    for (int u = 0; u < U; ++u)
+    constexpr int UR = U > 0 ? U : 1;
+    uint4 wa[UR][NT];
+    // U == 0: lane slot of chunk c, n-tile j in the warp's shared-memory slab
+    uint4* wslab = reinterpret_cast<uint4*>(smem + wbuf_offset) + (size_t)warp * warp_chunks * NT * 32 + lane;
+    if constexpr (U == 0)
+    {
+        for (int c = 0; c < nc; ++c)
+        {
+            #pragma unroll
+            for (int j = 0; j < NT; ++j)
+                if (ok[j]) q4k::cp_async16(q4k::smem_addr(wslab + (c * NT + j) * 32), wp[j] + (size_t)c * cstride, pol);
+        }
+        q4k::cp_async_commit();
+    }
+    else
     {
         #pragma unroll
-        for (int j = 0; j < NT; ++j)
-            wa[u][j] = (u < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)u * cstride, pol) : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < U; ++u)
+        {
+            #pragma unroll
+            for (int j = 0; j < NT; ++j)
+                wa[u][j] = (u < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)u * cstride, pol) : make_uint4(0, 0, 0, 0);
+        }
     }
 
     // Scale and offset of rows n = g and g + 8 of each n-tile for the group of absolute K `k`.
@@ -195,21 +214,28 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
     int step = (wc0 - bc0) * 4;               // block-relative K step
     int ks = 0;
     const int step_end = step + nc * 4;
+    if constexpr (U == 0) q4k::cp_async_wait_all();   // each lane reads back only its own copies
 
     #pragma unroll 1
-    for (int c = 0; c < nc; c += U)
+    for (int c = 0; c < nc; c += UR)
     {
-        uint4 wb[U][NT];
+        uint4 wb[UR][NT];
         #pragma unroll
-        for (int u = 0; u < U; ++u)
+        for (int u = 0; u < UR; ++u)
         {
-            const int cc = c + U + u;
+            const int cc = c + UR + u;
             #pragma unroll
             for (int j = 0; j < NT; ++j)
-                wb[u][j] = (cc < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)cc * cstride, pol) : make_uint4(0, 0, 0, 0);
+            {
+                if constexpr (U == 0)
+                    wa[u][j] = ok[j] ? wslab[(c * NT + j) * 32] : make_uint4(0, 0, 0, 0);
+                else
+                    wb[u][j] = (cc < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)cc * cstride, pol)
+                                                  : make_uint4(0, 0, 0, 0);
+            }
         }
         #pragma unroll
-        for (int u = 0; u < U; ++u)
+        for (int u = 0; u < UR; ++u)
         {
             if (c + u >= nc) break;
             #pragma unroll
@@ -244,11 +270,14 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
                 }
             }
         }
-        #pragma unroll
-        for (int u = 0; u < U; ++u)
+        if constexpr (U > 0)
         {
             #pragma unroll
-            for (int j = 0; j < NT; ++j) wa[u][j] = wb[u][j];
+            for (int u = 0; u < U; ++u)
+            {
+                #pragma unroll
+                for (int j = 0; j < NT; ++j) wa[u][j] = wb[u][j];
+            }
         }
     }
 
@@ -348,6 +377,8 @@ const MmaVariant kMmaVariants[] = {
     {4, 2, 2, false, "w4n2u2"},
     {8, 1, 4, false, "w8n1u4"},
     {8, 2, 2, true, "w8n2u2-fb"},
+    {8, 2, 0, false, "w8n2-smem"},
+    {8, 2, 0, true, "w8n2-smem-fb"},
 };
 constexpr int kNumMma = (int)(sizeof(kMmaVariants) / sizeof(MmaVariant));
 
@@ -375,11 +406,23 @@ int fold_steps_for(int gs)
     return 4;
 }
 
-size_t mma_smem(int M, int steps, int fold_steps, int W, int tn)
+// x staging (B fragments, per-step and per-segment sums), then (U == 0) the weight slabs.
+size_t mma_x_bytes(int M, int steps, int fold_steps)
 {
     const size_t x = (size_t)steps * M * (32 + 4) + (size_t)(steps / fold_steps) * M * 4;
-    return std::max(x, (size_t)W * M * tn * 4);
+    return (x + 15) / 16 * 16;
 }
+
+int mma_warp_chunks(int units_per_split, int cpu, int W) { return (units_per_split + W - 1) / W * cpu; }
+
+size_t mma_smem(int M, int units_per_split, int cpu, int fold_steps, const MmaVariant& v)
+{
+    size_t bytes = mma_x_bytes(M, units_per_split * cpu * 4, fold_steps);
+    if (v.U == 0) bytes += (size_t)v.W * mma_warp_chunks(units_per_split, cpu, v.W) * v.NT * 512;
+    return std::max(bytes, (size_t)v.W * M * 16 * v.NT * 4);
+}
+
+constexpr size_t kSlabBytes = 64 << 10;   // U == 0: a block's weights in shared memory at most
 
 template <int W, int NT, int U, bool FB>
 cudaError_t launch_mma(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t stream)
@@ -390,8 +433,10 @@ cudaError_t launch_mma(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t str
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem_bytes);
         if (err != cudaSuccess) return err;
     }
+    const int steps = p.units_per_split * p.chunks_per_unit * 4;
     return launch_kernel(kernel, dim3(p.tiles, p.splits), dim3(W * 32), p.smem_bytes, stream, p.pdl > 0, a,
-                         p.units_per_split, p.chunks_per_unit, p.fold_steps, p.pdl == 2 ? 1 : 0);
+                         p.units_per_split, p.chunks_per_unit, p.fold_steps, p.pdl == 2 ? 1 : 0,
+                         mma_x_bytes(a.M, steps, p.fold_steps), mma_warp_chunks(p.units_per_split, p.chunks_per_unit, W));
 }
 
 }  // namespace
@@ -431,9 +476,11 @@ Q4MmaPlan q4_mma_plan(int M, int K, int N, int groups, int sm_count, size_t smem
     }
     splits = std::max(1, std::min(splits, units));
     int ups = (units + splits - 1) / splits;
-    while (mma_smem(M, ups * cpu * 4, fs, v.W, tn) > smem_optin && ups > 1) ups = (ups + 1) / 2;
+    auto slab = [&](int u) { return (size_t)v.W * mma_warp_chunks(u, cpu, v.W) * v.NT * 512; };
+    while (ups > 1 && (mma_smem(M, ups, cpu, fs, v) > smem_optin || (v.U == 0 && slab(ups) > kSlabBytes)))
+        ups = (ups + 1) / 2;
     splits = (units + ups - 1) / ups;
-    if (mma_smem(M, ups * cpu * 4, fs, v.W, tn) > smem_optin) return p;
+    if (mma_smem(M, ups, cpu, fs, v) > smem_optin) return p;
     if (splits > 1 && tiles > Q4_COUNTERS) return p;
     p.variant = variant;
     p.tiles = tiles;
@@ -443,7 +490,7 @@ Q4MmaPlan q4_mma_plan(int M, int K, int N, int groups, int sm_count, size_t smem
     p.fold_steps = fs;
     p.threads = v.W * 32;
     p.tn = tn;
-    p.smem_bytes = mma_smem(M, ups * cpu * 4, fs, v.W, tn);
+    p.smem_bytes = mma_smem(M, ups, cpu, fs, v);
     p.pdl = (cc_major >= 9 && pdl > 0) ? std::min(pdl, 2) : 0;
     return p;
 }
@@ -456,6 +503,8 @@ cudaError_t q4_mma_launch(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t 
         case 1: return launch_mma<4, 2, 2, false>(p, a, stream);
         case 2: return launch_mma<8, 1, 4, false>(p, a, stream);
         case 3: return launch_mma<8, 2, 2, true>(p, a, stream);
+        case 4: return launch_mma<8, 2, 0, false>(p, a, stream);
+        case 5: return launch_mma<8, 2, 0, true>(p, a, stream);
         default: return launch_mma<8, 2, 2, false>(p, a, stream);
     }
 }
