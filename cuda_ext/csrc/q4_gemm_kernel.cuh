@@ -111,7 +111,7 @@ __host__ __device__ constexpr int ring_bytes() { return S * Q4_THREADS * 16; }
 template <int M, int U, int S, int MINB>
 __global__ void __launch_bounds__(Q4_THREADS, MINB)
 q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split, const int rows_per_trow,
-                     const int early_trigger)
+                     const int flags)
 {
     extern __shared__ float4 smem4[];
     char* smem_raw = reinterpret_cast<char*>(smem4);
@@ -140,7 +140,10 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     const int i1 = min(pb1, i0 + rows_per_trow);
     const int n = i1 - i0;                    // rows of this thread (may be <= 0)
 
+    const bool early_trigger = flags & kEarlyTrigger;
     if (early_trigger) pdl_trigger();         // the next kernel may start (and prefetch) right away
+    if ((flags & kL2Prefetch) && nrows > 0)
+        prefetch_slab_l2(a.qweight + (size_t)pb0 * N + tile * tn, N, nrows, min(tn, N - tile * tn) * 4);
     const uint64_t pol = evict_first_policy();
     const size_t wstride = (size_t)(N >> 2);  // uint4 per packed row
     const uint4* wp = reinterpret_cast<const uint4*>(a.qweight) + (size_t)i0 * wstride + (n0 >> 2);
@@ -326,7 +329,7 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
         if (err != cudaSuccess) return err;
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
-                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? 1 : 0);
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, q4_kernel_flags(plan.pdl));
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB) \

@@ -64,11 +64,11 @@ __device__ __forceinline__ uint32_t word(const uint4& w, int s)
     return s == 0 ? w.x : (s == 1 ? w.y : (s == 2 ? w.z : w.w));
 }
 
-// Register cap for 24 resident warps a multiprocessor (the planner's wave).
-template <int W, int NT, int U, bool FOLD_BIAS>
-__global__ void __launch_bounds__(W * 32, 24 / W)
+// Register cap for MINB resident blocks a multiprocessor (the planner's wave).
+template <int W, int NT, int U, bool FOLD_BIAS, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB)
 q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_per_unit, const int fold_steps,
-              const int early_trigger, const size_t wbuf_offset, const int warp_chunks)
+              const int flags, const size_t wbuf_offset, const int warp_chunks)
 {
     extern __shared__ float4 smem4[];
     char* smem = reinterpret_cast<char*>(smem4);
@@ -95,7 +95,11 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
     const int wc0 = bc0 + wu0 * chunks_per_unit;                // the warp's first chunk
     const int nc = (((warp + 1) * nbu) / W - wu0) * chunks_per_unit;
 
+    const bool early_trigger = flags & q4k::kEarlyTrigger;
     if (early_trigger) pdl_trigger();
+    if ((flags & q4k::kL2Prefetch) && nbu > 0)
+        q4k::prefetch_slab_l2(a.qweight + (size_t)8 * bc0 * N + tile * TN, N, 8 * nbu * chunks_per_unit,
+                              min(TN, N - tile * TN) * 4);
     const uint64_t pol = q4k::evict_first_policy();
     const size_t cstride = (size_t)2 * N;                       // uint4 per chunk (8 packed rows)
     const uint4* wp[NT];
@@ -368,17 +372,18 @@ struct MmaVariant
 {
     int W, NT, U;
     bool fold_bias;
+    int minb;             // resident blocks a multiprocessor the registers are capped for
     const char* name;
 };
 
 // Entry 0 is the default (docs/performance.md).
 const MmaVariant kMmaVariants[] = {
-    {8, 2, 2, false, "w8n2u2"},
-    {4, 2, 2, false, "w4n2u2"},
-    {8, 1, 4, false, "w8n1u4"},
-    {8, 2, 2, true, "w8n2u2-fb"},
-    {8, 2, 0, false, "w8n2-smem"},
-    {8, 2, 0, true, "w8n2-smem-fb"},
+    {8, 2, 2, false, 3, "w8n2u2"},
+    {4, 2, 2, false, 6, "w4n2u2"},
+    {8, 1, 4, false, 3, "w8n1u4"},
+    {8, 2, 2, true, 3, "w8n2u2-fb"},
+    {8, 4, 1, false, 2, "w8n4u1"},
+    {8, 4, 1, true, 2, "w8n4u1-fb"},
 };
 constexpr int kNumMma = (int)(sizeof(kMmaVariants) / sizeof(MmaVariant));
 
@@ -424,10 +429,10 @@ size_t mma_smem(int M, int units_per_split, int cpu, int fold_steps, const MmaVa
 
 constexpr size_t kSlabBytes = 64 << 10;   // U == 0: a block's weights in shared memory at most
 
-template <int W, int NT, int U, bool FB>
+template <int W, int NT, int U, bool FB, int MINB>
 cudaError_t launch_mma(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t stream)
 {
-    auto kernel = q4m::q4_mma_kernel<W, NT, U, FB>;
+    auto kernel = q4m::q4_mma_kernel<W, NT, U, FB, MINB>;
     if (p.smem_bytes > 48 * 1024)
     {
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem_bytes);
@@ -435,7 +440,7 @@ cudaError_t launch_mma(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t str
     }
     const int steps = p.units_per_split * p.chunks_per_unit * 4;
     return launch_kernel(kernel, dim3(p.tiles, p.splits), dim3(W * 32), p.smem_bytes, stream, p.pdl > 0, a,
-                         p.units_per_split, p.chunks_per_unit, p.fold_steps, p.pdl == 2 ? 1 : 0,
+                         p.units_per_split, p.chunks_per_unit, p.fold_steps, q4_kernel_flags(p.pdl),
                          mma_x_bytes(a.M, steps, p.fold_steps), mma_warp_chunks(p.units_per_split, p.chunks_per_unit, W));
 }
 
@@ -470,8 +475,8 @@ Q4MmaPlan q4_mma_plan(int M, int K, int N, int groups, int sm_count, size_t smem
     if (sm_count <= 0) sm_count = 1;
     if (splits <= 0)
     {
-        // About 24 warps a multiprocessor in one wave; each warp keeps at least one unit.
-        const int target = sm_count * 24 / v.W;
+        // One wave of the resident blocks; each warp keeps at least one unit.
+        const int target = sm_count * v.minb;
         splits = tiles >= target ? 1 : std::min(target / tiles, std::max(1, units / v.W));
     }
     splits = std::max(1, std::min(splits, units));
@@ -500,12 +505,12 @@ cudaError_t q4_mma_launch(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t 
     if (p.splits <= 0) return cudaErrorInvalidValue;
     switch (p.variant)
     {
-        case 1: return launch_mma<4, 2, 2, false>(p, a, stream);
-        case 2: return launch_mma<8, 1, 4, false>(p, a, stream);
-        case 3: return launch_mma<8, 2, 2, true>(p, a, stream);
-        case 4: return launch_mma<8, 2, 0, false>(p, a, stream);
-        case 5: return launch_mma<8, 2, 0, true>(p, a, stream);
-        default: return launch_mma<8, 2, 2, false>(p, a, stream);
+        case 1: return launch_mma<4, 2, 2, false, 6>(p, a, stream);
+        case 2: return launch_mma<8, 1, 4, false, 3>(p, a, stream);
+        case 3: return launch_mma<8, 2, 2, true, 3>(p, a, stream);
+        case 4: return launch_mma<8, 4, 1, false, 2>(p, a, stream);
+        case 5: return launch_mma<8, 4, 1, true, 2>(p, a, stream);
+        default: return launch_mma<8, 2, 2, false, 3>(p, a, stream);
     }
 }
 
