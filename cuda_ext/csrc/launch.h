@@ -40,4 +40,3 @@ inline int pdl_mode_default(double weight_bytes)
     if (forced) return forced;
     return weight_bytes >= 4.0 * 1024 * 1024 ? 2 : 1;
 }
-

@@ -48,18 +48,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // Kernel flags (an int argument of both q4 GEMVs).
 constexpr int kEarlyTrigger = 1;   // release the next kernel (PDL) at the start, not after the main loop
-constexpr int kL2Prefetch = 2;     // first pull the block's whole weight slab towards L2 (bulk prefetch)
-
-// The block's weights: `rows` packed rows from `base`, `bytes` contiguous at each (row stride `ld` words),
-// prefetched into L2 with no registers or shared memory held, so the whole slab is in flight while the
-// block waits on the previous kernel and stages x; the main loop's loads then hit L2.
-__device__ __forceinline__ void prefetch_slab_l2(const uint32_t* base, size_t ld, int rows, int bytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    for (int r = threadIdx.x; r < rows; r += blockDim.x)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(base + (size_t)r * ld), "r"(bytes) : "memory");
-#endif
-}
 
 // Fused RMSNorm: 1 / rms of each of the M rows of x over all K (every block needs the whole row;
 // rows are short, 2-16 KB). Writes norm_inv[m]; ends with a barrier.

@@ -57,15 +57,6 @@ size_t plan_smem(int M, int rows_per_split, int tn, int S)
 
 }  // namespace
 
-int q4_kernel_flags(int pdl_mode)
-{
-    static const bool prefetch = [] {
-        const char* e = std::getenv("EXLLAMA_L2_PREFETCH");
-        return !(e && std::strcmp(e, "0") == 0);
-    }();
-    return (pdl_mode == 2 ? 1 : 0) | (prefetch ? 2 : 0);
-}
-
 int q4_gemm_num_variants(int M)
 {
     return M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));

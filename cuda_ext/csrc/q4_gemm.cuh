@@ -53,10 +53,6 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
                         int tn, int splits, int variant, int pdl);
 
 int q4_gemm_num_variants(int M);
-
-// Flags argument of the q4 GEMV kernels (q4_common.cuh) for a plan's PDL mode: early trigger in mode 2;
-// L2 prefetch of the block's weights unless EXLLAMA_L2_PREFETCH=0 (A/B runs, docs/performance.md).
-int q4_kernel_flags(int pdl_mode);
 const char* q4_gemm_variant_name(int M, int variant);
 
 cudaError_t q4_gemm_small_launch(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream);

@@ -142,8 +142,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
     const bool early_trigger = flags & kEarlyTrigger;
     if (early_trigger) pdl_trigger();         // the next kernel may start (and prefetch) right away
-    if ((flags & kL2Prefetch) && nrows > 0)
-        prefetch_slab_l2(a.qweight + (size_t)pb0 * N + tile * tn, N, nrows, min(tn, N - tile * tn) * 4);
     const uint64_t pol = evict_first_policy();
     const size_t wstride = (size_t)(N >> 2);  // uint4 per packed row
     const uint4* wp = reinterpret_cast<const uint4*>(a.qweight) + (size_t)i0 * wstride + (n0 >> 2);
@@ -329,7 +327,7 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
         if (err != cudaSuccess) return err;
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
-                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, q4_kernel_flags(plan.pdl));
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB) \

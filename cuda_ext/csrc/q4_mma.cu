@@ -9,12 +9,11 @@
 // Scales and offsets are folded in per group as in the CUDA-core kernel:
 // sum_k x (s q + o) = s sum_k x q + o sum_k x, with sum_k x precomputed per fold segment.
 //
-// Work split: a block owns tn = 16 NT columns and a K range (split-K over blockIdx.y, reduced as in
-// q4_gemm_small); its W warps take contiguous runs of K units (a unit ends on a fold boundary) and
-// are summed in the block. Each warp streams its weights U chunks (64 K) ahead in registers.
-// U == 0 (variants "-smem"): instead, every lane copies all its weights into shared memory with
-// cp.async at the start (before waiting on the previous kernel), so the block's whole slab is in
-// flight while x is staged; the planner then keeps a block's slab <= 64 KB.
+// Work split: a block owns tn = 16 NT CW columns and a K range (split-K over blockIdx.y, reduced as in
+// q4_gemm_small). Its W warps form CW column groups of NT n-tiles; the W / CW warps of a group take
+// contiguous runs of K units (a unit ends on a fold boundary) and are summed in the block. Wider blocks
+// stage x (and its fused prologue) for more columns at once. Each warp streams its weights U chunks
+// (64 K) ahead in registers.
 // FOLD_BIAS (variant "-fb"): skip the HSUB2s and subtract the magic numbers' 1024 / 64 times sum x
 // at the fold instead (fewer instructions, slightly less exact: the fp32 sums carry the offset).
 #include "q4_mma.cuh"
@@ -64,18 +63,22 @@ __device__ __forceinline__ uint32_t word(const uint4& w, int s)
     return s == 0 ? w.x : (s == 1 ? w.y : (s == 2 ? w.z : w.w));
 }
 
-// Register cap for MINB resident blocks a multiprocessor (the planner's wave).
-template <int W, int NT, int U, bool FOLD_BIAS, int MINB>
+// Register cap for MINB resident blocks a multiprocessor (the planner's wave). Warps: CW column groups
+// (NT n-tiles each) x W / CW along K.
+template <int W, int CW, int NT, int U, bool FOLD_BIAS, int MINB>
 __global__ void __launch_bounds__(W * 32, MINB)
 q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_per_unit, const int fold_steps,
-              const int flags, const size_t wbuf_offset, const int warp_chunks)
+              const int flags)
 {
     extern __shared__ float4 smem4[];
     char* smem = reinterpret_cast<char*>(smem4);
-    constexpr int TN = 16 * NT;
+    constexpr int TN = 16 * NT * CW;
+    constexpr int KW = W / CW;                 // warps along K
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
+    const int cg = warp % CW;                  // column group
+    const int kw = warp / CW;                  // K share
     const int g = lane >> 2;
     const int t = lane & 3;
     const int M = a.M;
@@ -91,51 +94,33 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
     const int nbu = min(units, bu0 + units_per_split) - bu0;
     const int bc0 = bu0 * chunks_per_unit;
     const int nsteps = nbu * chunks_per_unit * 4;               // K steps of 16 in the block
-    const int wu0 = (warp * nbu) / W;
+    const int wu0 = (kw * nbu) / KW;
     const int wc0 = bc0 + wu0 * chunks_per_unit;                // the warp's first chunk
-    const int nc = (((warp + 1) * nbu) / W - wu0) * chunks_per_unit;
+    const int nc = (((kw + 1) * nbu) / KW - wu0) * chunks_per_unit;
 
     const bool early_trigger = flags & q4k::kEarlyTrigger;
     if (early_trigger) pdl_trigger();
-    if ((flags & q4k::kL2Prefetch) && nbu > 0)
-        q4k::prefetch_slab_l2(a.qweight + (size_t)8 * bc0 * N + tile * TN, N, 8 * nbu * chunks_per_unit,
-                              min(TN, N - tile * TN) * 4);
     const uint64_t pol = q4k::evict_first_policy();
     const size_t cstride = (size_t)2 * N;                       // uint4 per chunk (8 packed rows)
+    const int nt0 = (tile * CW + cg) * NT;                      // the warp's first n-tile
     const uint4* wp[NT];
     bool ok[NT];
     #pragma unroll
     for (int j = 0; j < NT; ++j)
     {
-        const int n0 = (tile * NT + j) * 16;
+        const int n0 = (nt0 + j) * 16;
         ok[j] = n0 < N;
         wp[j] = reinterpret_cast<const uint4*>(a.qweight + (size_t)(8 * wc0 + g) * N + n0 + 4 * t);
     }
 
     // Weights and scales never change between kernels: fetch them before waiting on the previous one.
-    constexpr int UR = U > 0 ? U : 1;
-    uint4 wa[UR][NT];
-    // U == 0: lane slot of chunk c, n-tile j in the warp's shared-memory slab
-    uint4* wslab = reinterpret_cast<uint4*>(smem + wbuf_offset) + (size_t)warp * warp_chunks * NT * 32 + lane;
-    if constexpr (U == 0)
-    {
-        for (int c = 0; c < nc; ++c)
-        {
-            #pragma unroll
-            for (int j = 0; j < NT; ++j)
-                if (ok[j]) q4k::cp_async16(q4k::smem_addr(wslab + (c * NT + j) * 32), wp[j] + (size_t)c * cstride, pol);
-        }
-        q4k::cp_async_commit();
-    }
-    else
+    uint4 wa[U][NT];
+    #pragma unroll
+    for (int u = 0; u < U; ++u)
     {
         #pragma unroll
-        for (int u = 0; u < U; ++u)
-        {
-            #pragma unroll
-            for (int j = 0; j < NT; ++j)
-                wa[u][j] = (u < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)u * cstride, pol) : make_uint4(0, 0, 0, 0);
-        }
+        for (int j = 0; j < NT; ++j)
+            wa[u][j] = (u < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)u * cstride, pol) : make_uint4(0, 0, 0, 0);
     }
 
     // Scale and offset of rows n = g and g + 8 of each n-tile for the group of absolute K `k`.
@@ -145,7 +130,7 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
         #pragma unroll
         for (int j = 0; j < NT; ++j)
         {
-            const int n = (tile * NT + j) * 16 + g;
+            const int n = (nt0 + j) * 16 + g;
             sc[j][0] = ok[j] ? __half2float(__ldg(a.scales + row + n)) : 0.f;
             sc[j][1] = ok[j] ? __half2float(__ldg(a.scales + row + n + 8)) : 0.f;
             of[j][0] = ok[j] ? __half2float(__ldg(a.offsets + row + n)) : 0.f;
@@ -218,28 +203,21 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
     int step = (wc0 - bc0) * 4;               // block-relative K step
     int ks = 0;
     const int step_end = step + nc * 4;
-    if constexpr (U == 0) q4k::cp_async_wait_all();   // each lane reads back only its own copies
 
     #pragma unroll 1
-    for (int c = 0; c < nc; c += UR)
+    for (int c = 0; c < nc; c += U)
     {
-        uint4 wb[UR][NT];
+        uint4 wb[U][NT];
         #pragma unroll
-        for (int u = 0; u < UR; ++u)
+        for (int u = 0; u < U; ++u)
         {
-            const int cc = c + UR + u;
+            const int cc = c + U + u;
             #pragma unroll
             for (int j = 0; j < NT; ++j)
-            {
-                if constexpr (U == 0)
-                    wa[u][j] = ok[j] ? wslab[(c * NT + j) * 32] : make_uint4(0, 0, 0, 0);
-                else
-                    wb[u][j] = (cc < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)cc * cstride, pol)
-                                                  : make_uint4(0, 0, 0, 0);
-            }
+                wb[u][j] = (cc < nc && ok[j]) ? q4k::load_w<1>(wp[j] + (size_t)cc * cstride, pol) : make_uint4(0, 0, 0, 0);
         }
         #pragma unroll
-        for (int u = 0; u < UR; ++u)
+        for (int u = 0; u < U; ++u)
         {
             if (c + u >= nc) break;
             #pragma unroll
@@ -274,38 +252,35 @@ q4_mma_kernel(const Q4GemmArgs a, const int units_per_split, const int chunks_pe
                 }
             }
         }
-        if constexpr (U > 0)
+        #pragma unroll
+        for (int u = 0; u < U; ++u)
         {
             #pragma unroll
-            for (int u = 0; u < U; ++u)
-            {
-                #pragma unroll
-                for (int j = 0; j < NT; ++j) wa[u][j] = wb[u][j];
-            }
+            for (int j = 0; j < NT; ++j) wa[u][j] = wb[u][j];
         }
     }
 
     if (!early_trigger) pdl_trigger();        // main loop done: let the next kernel launch into our tail
 
     __syncthreads();                          // x in shared memory is dead from here
-    float* red = reinterpret_cast<float*>(smem);   // [W][M][TN]
+    float* red = reinterpret_cast<float*>(smem);   // [KW][M][TN]
     #pragma unroll
     for (int j = 0; j < NT; ++j)
     {
-        const int col = 16 * j + g;
+        const int col = (cg * NT + j) * 16 + g;
         if (2 * t < M)
         {
-            red[(warp * M + 2 * t) * TN + col] = acc[j][0];
-            red[(warp * M + 2 * t) * TN + col + 8] = acc[j][2];
+            red[(kw * M + 2 * t) * TN + col] = acc[j][0];
+            red[(kw * M + 2 * t) * TN + col + 8] = acc[j][2];
         }
         if (2 * t + 1 < M)
         {
-            red[(warp * M + 2 * t + 1) * TN + col] = acc[j][1];
-            red[(warp * M + 2 * t + 1) * TN + col + 8] = acc[j][3];
+            red[(kw * M + 2 * t + 1) * TN + col] = acc[j][1];
+            red[(kw * M + 2 * t + 1) * TN + col + 8] = acc[j][3];
         }
     }
     __syncthreads();
-    q4k::finish_tile(a, red, W, M, TN, tile, split, gridDim.y);
+    q4k::finish_tile(a, red, KW, M, TN, tile, split, gridDim.y);
 }
 
 // Dequantize: a block = one chunk (64 K) x 8 n-tiles (128 N); each warp decodes its n-tile's fragments
@@ -370,20 +345,21 @@ namespace {
 
 struct MmaVariant
 {
-    int W, NT, U;
+    int W, CW, NT, U;
     bool fold_bias;
     int minb;             // resident blocks a multiprocessor the registers are capped for
     const char* name;
 };
 
-// Entry 0 is the default (docs/performance.md).
+// Entry 0 is the default (docs/performance.md). Names: warps, column groups, n-tiles and chunks in flight
+// per warp; "-fb": FOLD_BIAS.
 const MmaVariant kMmaVariants[] = {
-    {8, 2, 2, false, 3, "w8n2u2"},
-    {4, 2, 2, false, 6, "w4n2u2"},
-    {8, 1, 4, false, 3, "w8n1u4"},
-    {8, 2, 2, true, 3, "w8n2u2-fb"},
-    {8, 4, 1, false, 2, "w8n4u1"},
-    {8, 4, 1, true, 2, "w8n4u1-fb"},
+    {8, 2, 2, 2, true, 3, "w8c2n2u2-fb"},
+    {8, 1, 2, 2, true, 3, "w8n2u2-fb"},
+    {8, 1, 2, 2, false, 3, "w8n2u2"},
+    {8, 1, 4, 1, true, 2, "w8n4u1-fb"},
+    {8, 4, 2, 2, true, 3, "w8c4n2u2-fb"},
+    {8, 2, 2, 2, false, 3, "w8c2n2u2"},
 };
 constexpr int kNumMma = (int)(sizeof(kMmaVariants) / sizeof(MmaVariant));
 
@@ -411,37 +387,24 @@ int fold_steps_for(int gs)
     return 4;
 }
 
-// x staging (B fragments, per-step and per-segment sums), then (U == 0) the weight slabs.
-size_t mma_x_bytes(int M, int steps, int fold_steps)
+// x staging (B fragments, per-step and per-segment sums), reused by the block's reduction.
+size_t mma_smem(int M, int steps, int fold_steps, const MmaVariant& v)
 {
     const size_t x = (size_t)steps * M * (32 + 4) + (size_t)(steps / fold_steps) * M * 4;
-    return (x + 15) / 16 * 16;
+    return std::max(x, (size_t)(v.W / v.CW) * M * 16 * v.NT * v.CW * 4);
 }
 
-int mma_warp_chunks(int units_per_split, int cpu, int W) { return (units_per_split + W - 1) / W * cpu; }
-
-size_t mma_smem(int M, int units_per_split, int cpu, int fold_steps, const MmaVariant& v)
-{
-    size_t bytes = mma_x_bytes(M, units_per_split * cpu * 4, fold_steps);
-    if (v.U == 0) bytes += (size_t)v.W * mma_warp_chunks(units_per_split, cpu, v.W) * v.NT * 512;
-    return std::max(bytes, (size_t)v.W * M * 16 * v.NT * 4);
-}
-
-constexpr size_t kSlabBytes = 64 << 10;   // U == 0: a block's weights in shared memory at most
-
-template <int W, int NT, int U, bool FB, int MINB>
+template <int W, int CW, int NT, int U, bool FB, int MINB>
 cudaError_t launch_mma(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t stream)
 {
-    auto kernel = q4m::q4_mma_kernel<W, NT, U, FB, MINB>;
+    auto kernel = q4m::q4_mma_kernel<W, CW, NT, U, FB, MINB>;
     if (p.smem_bytes > 48 * 1024)
     {
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem_bytes);
         if (err != cudaSuccess) return err;
     }
-    const int steps = p.units_per_split * p.chunks_per_unit * 4;
     return launch_kernel(kernel, dim3(p.tiles, p.splits), dim3(W * 32), p.smem_bytes, stream, p.pdl > 0, a,
-                         p.units_per_split, p.chunks_per_unit, p.fold_steps, q4_kernel_flags(p.pdl),
-                         mma_x_bytes(a.M, steps, p.fold_steps), mma_warp_chunks(p.units_per_split, p.chunks_per_unit, W));
+                         p.units_per_split, p.chunks_per_unit, p.fold_steps, p.pdl == 2 ? q4k::kEarlyTrigger : 0);
 }
 
 }  // namespace
@@ -470,22 +433,21 @@ Q4MmaPlan q4_mma_plan(int M, int K, int N, int groups, int sm_count, size_t smem
     const int fs = fold_steps_for(K / groups);
     const int cpu = std::max(1, fs / 4);
     const int units = (K / 64) / cpu;
-    const int tn = 16 * v.NT;
+    const int tn = 16 * v.NT * v.CW;
+    const int kw = v.W / v.CW;
     const int tiles = (N + tn - 1) / tn;
     if (sm_count <= 0) sm_count = 1;
     if (splits <= 0)
     {
-        // One wave of the resident blocks; each warp keeps at least one unit.
+        // One wave of the resident blocks; each K warp keeps at least one unit.
         const int target = sm_count * v.minb;
-        splits = tiles >= target ? 1 : std::min(target / tiles, std::max(1, units / v.W));
+        splits = tiles >= target ? 1 : std::min(target / tiles, std::max(1, units / kw));
     }
     splits = std::max(1, std::min(splits, units));
     int ups = (units + splits - 1) / splits;
-    auto slab = [&](int u) { return (size_t)v.W * mma_warp_chunks(u, cpu, v.W) * v.NT * 512; };
-    while (ups > 1 && (mma_smem(M, ups, cpu, fs, v) > smem_optin || (v.U == 0 && slab(ups) > kSlabBytes)))
-        ups = (ups + 1) / 2;
+    while (ups > 1 && mma_smem(M, ups * cpu * 4, fs, v) > smem_optin) ups = (ups + 1) / 2;
     splits = (units + ups - 1) / ups;
-    if (mma_smem(M, ups, cpu, fs, v) > smem_optin) return p;
+    if (mma_smem(M, ups * cpu * 4, fs, v) > smem_optin) return p;
     if (splits > 1 && tiles > Q4_COUNTERS) return p;
     p.variant = variant;
     p.tiles = tiles;
@@ -495,7 +457,7 @@ Q4MmaPlan q4_mma_plan(int M, int K, int N, int groups, int sm_count, size_t smem
     p.fold_steps = fs;
     p.threads = v.W * 32;
     p.tn = tn;
-    p.smem_bytes = mma_smem(M, ups, cpu, fs, v);
+    p.smem_bytes = mma_smem(M, ups * cpu * 4, fs, v);
     p.pdl = (cc_major >= 9 && pdl > 0) ? std::min(pdl, 2) : 0;
     return p;
 }
@@ -505,12 +467,12 @@ cudaError_t q4_mma_launch(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t 
     if (p.splits <= 0) return cudaErrorInvalidValue;
     switch (p.variant)
     {
-        case 1: return launch_mma<4, 2, 2, false, 6>(p, a, stream);
-        case 2: return launch_mma<8, 1, 4, false, 3>(p, a, stream);
-        case 3: return launch_mma<8, 2, 2, true, 3>(p, a, stream);
-        case 4: return launch_mma<8, 4, 1, false, 2>(p, a, stream);
-        case 5: return launch_mma<8, 4, 1, true, 2>(p, a, stream);
-        default: return launch_mma<8, 2, 2, false, 3>(p, a, stream);
+        case 1: return launch_mma<8, 1, 2, 2, true, 3>(p, a, stream);
+        case 2: return launch_mma<8, 1, 2, 2, false, 3>(p, a, stream);
+        case 3: return launch_mma<8, 1, 4, 1, true, 2>(p, a, stream);
+        case 4: return launch_mma<8, 4, 2, 2, true, 3>(p, a, stream);
+        case 5: return launch_mma<8, 2, 2, 2, false, 3>(p, a, stream);
+        default: return launch_mma<8, 2, 2, 2, true, 3>(p, a, stream);
     }
 }
 
