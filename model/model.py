@@ -95,13 +95,21 @@ class LlamaModel(nn.Module):
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
         return self
 
+    # Smaller layers stay with the CUDA-core GEMV, which is faster there (launch-bound shapes).
+    MMA_MIN_WEIGHTS = 8 << 20
+
     def _use_mma_layout(self):
-        """4-bit weights on GPUs with the kernels go into the tensor-core GEMV's layout (in place)."""
-        linears = [m for m in self.modules() if isinstance(m, Linear) and m.quantized]
-        views = {id(v) for m in linears for v in m.views}
-        for lin in linears:
-            if id(lin) not in views and self.ops.kernels_for(lin.qweight):
-                lin.use_mma_layout()
+        """o_proj and down_proj (>= MMA_MIN_WEIGHTS) go into the tensor-core GEMV's layout, in place.
+
+        Measured on an H100 (docs/performance.md, "Session 3"): on 7B shapes the tensor-core kernel takes
+        o_proj from 13.6 to 7.7 us and down (with its SiLU prologue) from 17.3 to 15.1 us, but q|k|v and
+        gate|up, whose RMSNorm prologue every block repeats, are 0.7-0.9 us slower than the CUDA-core kernel,
+        and every SmolLM2-135M shape is slower."""
+        for layer in self.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if lin.quantized and lin.in_features * lin.out_features >= self.MMA_MIN_WEIGHTS \
+                        and self.ops.kernels_for(lin.qweight):
+                    lin.use_mma_layout()
 
     def _embed_in_host_memory(self) -> bool:
         """The table stays in host memory on GPUs when the LM head does not share it and the kernel

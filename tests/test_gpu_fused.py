@@ -49,6 +49,33 @@ def test_fused_decode_as_accurate_as_unfused(models):
     assert agree[True] >= agree[False] - 2
 
 
+def test_every_layer_in_mma_layout_matches_row_layout(models, tmp_path):
+    """All 4-bit layers in the tensor-core GEMV's layout (the model itself picks only big o/down projections):
+    the prompt forward (mma dequantization + cuBLAS) and static decode steps (tensor-core GEMV, fused
+    prologues) agree with the row-layout model."""
+    _, gpu = models
+    hf = hf_tiny(seed=21, vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=4, max_position_embeddings=512)
+    folder = gptq_checkpoint(hf, tmp_path / "m", 32, False, True)
+    mma = load_ours(folder, device="cuda", dtype="float16", weight_dtype="float16", max_seq_len=256)
+    views = {id(v) for m in mma.modules() for v in getattr(m, "views", [])}
+    linears = [m for m in mma.modules() if getattr(m, "quantized", False) and id(m) not in views]
+    assert all(lin.use_mma_layout() for lin in linears)
+    ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(5)).cuda()
+    a, b = mma(ids, last_only=False).float(), gpu(ids, last_only=False).float()
+    assert ((a - b).norm() / b.norm()).item() < 2e-3
+    caches = mma.new_cache(), gpu.new_cache()
+    for m, c in zip((mma, gpu), caches):
+        m(ids[:, :8], c)
+    for t in range(8, 48):
+        outs = []
+        for m, c in zip((mma, gpu), caches):
+            pos = torch.tensor([c.length], device="cuda")
+            outs.append(m.decode_static(ids[:, t:t + 1], c, pos, 64)[0, -1].float())
+            c.length += 1
+        assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 5e-3, t
+
+
 def test_embedding_table_in_host_memory(models, tmp_path):
     """An untied model keeps its embedding table in pinned host memory on GPUs (no VRAM); logits of
     the forward and of the captured decode step equal those with the table on the GPU."""

@@ -354,10 +354,10 @@ struct MmaVariant
 // Entry 0 is the default (docs/performance.md). Names: warps, column groups, n-tiles and chunks in flight
 // per warp; "-fb": FOLD_BIAS.
 const MmaVariant kMmaVariants[] = {
-    {8, 2, 2, 2, true, 3, "w8c2n2u2-fb"},
+    {8, 1, 4, 1, true, 2, "w8n4u1-fb"},
     {8, 1, 2, 2, true, 3, "w8n2u2-fb"},
     {8, 1, 2, 2, false, 3, "w8n2u2"},
-    {8, 1, 4, 1, true, 2, "w8n4u1-fb"},
+    {8, 2, 2, 2, true, 3, "w8c2n2u2-fb"},
     {8, 4, 2, 2, true, 3, "w8c4n2u2-fb"},
     {8, 2, 2, 2, false, 3, "w8c2n2u2"},
 };
@@ -469,10 +469,10 @@ cudaError_t q4_mma_launch(const Q4MmaPlan& p, const Q4GemmArgs& a, cudaStream_t 
     {
         case 1: return launch_mma<8, 1, 2, 2, true, 3>(p, a, stream);
         case 2: return launch_mma<8, 1, 2, 2, false, 3>(p, a, stream);
-        case 3: return launch_mma<8, 1, 4, 1, true, 2>(p, a, stream);
+        case 3: return launch_mma<8, 2, 2, 2, true, 3>(p, a, stream);
         case 4: return launch_mma<8, 4, 2, 2, true, 3>(p, a, stream);
         case 5: return launch_mma<8, 2, 2, 2, false, 3>(p, a, stream);
-        default: return launch_mma<8, 2, 2, 2, true, 3>(p, a, stream);
+        default: return launch_mma<8, 1, 4, 1, true, 2>(p, a, stream);
     }
 }
 
