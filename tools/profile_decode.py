@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--eager", action="store_true", help="run the static step without capturing it")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--prefill", type=int, default=0, help="profile one forward of this many tokens instead")
+    ap.add_argument("--ops", action="store_true", help="also list torch ops (what launched the kernels) by GPU time")
     args = ap.parse_args()
     model, _ = load(args.directory, RuntimeConfig(max_seq_len=args.length), progress=False, tokenizer=False)
     cache = model.new_cache()
@@ -48,15 +49,20 @@ def main():
         prompt = torch.randint(0, model.cfg.vocab_size, (1, args.prefill), device=model.device)
         model(prompt, model.new_cache())                  # warm-up at this length
         args.steps = 1
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
+    with profile(activities=acts) as prof:
         if args.prefill:
             model(prompt, model.new_cache())
         else:
             for _ in range(args.steps):
                 ids = dec(ids)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
+    if args.ops:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     rows = []
     for e in prof.key_averages():
+        if args.ops and getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU:
+            continue
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.count:
             rows.append((t, e.count, e.key))
