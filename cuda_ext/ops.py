@@ -229,10 +229,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None =
 
 def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, slot: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    """q [B, 1, H, D] rotated in place; k [B, 1, Hkv, D] rotated and v stored at k_cache/v_cache[:, :, slot[0]].
+    """q [B, T, H, D] rotated in place; k [B, T, Hkv, D] rotated and v stored at k_cache/v_cache[:, :, slot[0] + t].
 
-    q/k/v may be strided views of a fused qkv output; positions: rotary positions [B, 1] (or [B]),
-    int32/int64; slot: int64 [1] on the device. Returns q.
+    q/k/v may be strided views of a fused qkv output (even strides, D % 4 == 0); positions: rotary
+    positions [B, T] (or [B] when T = 1), int32/int64; slot: int64 [1] on the device. Returns q.
     """
     if positions.dim() == 1:
         positions = positions.view(-1, 1)

@@ -47,11 +47,19 @@ class Attention(nn.Module):
             q = self.ops.rope_kv_write(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc)
             o = self.ops.decode_attention(q, kc, vc, start.pos, start.kv_len, start.pad)
             return self.o_proj(o.reshape(B, T, -1), lora, residual)
-        q = self.ops.rotary(q, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, H, T, D]
-        k = self.ops.rotary(k, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, Hkv, T, D]
-        v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v, start)
+        if cache is not None and not isinstance(start, StaticPos):
+            # Prompt with a cache: rotary of q and k and the cache write in one kernel on GPUs; attention
+            # then reads keys and values from the cache.
+            cache.check_room(start, T)
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            q = self.ops.rope_kv_write(q, k, v, rope.cos, rope.sin, pos, cache.slot(start, kc.device), kc, vc)
+            q, k, v = q.transpose(1, 2), kc[:, :, :start + T], vc[:, :, :start + T]
+        else:
+            q = self.ops.rotary(q, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, H, T, D]
+            k = self.ops.rotary(k, rope.cos, rope.sin, pos).transpose(1, 2)   # [B, Hkv, T, D]
+            v = v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.write(self.layer_idx, k, v, start)
         causal = mask is None and T > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)

@@ -25,6 +25,18 @@ class KVCache:
         self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
         self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
         self.length = 0
+        self._slot: tuple | None = None           # (start, device, [1] int64 tensor): see slot()
+
+    def slot(self, start: int, device) -> torch.Tensor:
+        """`start` as a [1] int64 tensor on `device`, made once per forward and shared by its layers
+        (filled on the device: no host-to-device copy to wait on)."""
+        if self._slot is None or self._slot[:2] != (start, device):
+            self._slot = (start, device, torch.full((1,), start, dtype=torch.int64, device=device))
+        return self._slot[2]
+
+    def check_room(self, start: int, n: int):
+        if start + n > self.max_seq_len:
+            raise ValueError(f"sequence of {start + n} tokens exceeds the cache length {self.max_seq_len}")
 
     def truncate(self, n: int):
         """Rewind to the first n positions (what lies beyond is dead and gets overwritten)."""
@@ -49,8 +61,7 @@ class KVCache:
             self.v[layer].index_copy_(2, start.pos, v)
             return self.k[layer][:, :, :start.kv_len], self.v[layer][:, :, :start.kv_len]
         end = start + k.shape[2]
-        if end > self.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_seq_len}")
+        self.check_room(start, k.shape[2])
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -44,12 +44,14 @@ def q4_matmul_dequant(x, qweight, scales, offsets, perm, mma=False):
 
 
 def rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=rotary_ref):
-    """Rotate q and k (q [B, 1, H, D], k/v [B, 1, Hkv, D]), store k and v at cache position slot [1]
-    (a device tensor: graph-safe index_copy_); returns the rotated q."""
+    """Rotate q and k (q [B, T, H, D], k/v [B, T, Hkv, D]) at positions pos [B, T], store k and v at cache
+    positions slot[0] .. slot[0] + T - 1 (slot: a [1] device tensor, graph-safe index_copy_); returns q."""
     q = rotary(q, cos, sin, pos)
     k = rotary(k, cos, sin, pos)
-    k_cache.index_copy_(2, slot, k.transpose(1, 2))
-    v_cache.index_copy_(2, slot, v.transpose(1, 2))
+    T = q.shape[1]
+    slots = slot if T == 1 else slot[:1] + torch.arange(T, device=slot.device)
+    k_cache.index_copy_(2, slots, k.transpose(1, 2))
+    v_cache.index_copy_(2, slots, v.transpose(1, 2))
     return q
 
 
@@ -125,9 +127,11 @@ class Ops:
         return D in (64, 128) and H % Hkv == 0 and H // Hkv <= 8
 
     def rope_kv_write(self, q, k, v, cos, sin, pos, slot, k_cache, v_cache):
-        """Decode (T = 1): rotate q (in place where possible) and k, write k and v at slot; returns q."""
+        """Rotate q [B, T, H, D] (in place where possible) and k at positions pos [B, T], write k and v at cache
+        slots slot[0] .. slot[0] + T - 1 (decode: T = 1; prompts); returns q."""
         kern = self.kernels_for(q)
-        if kern and self.fused_decode and q.dtype == torch.float16 and q.shape[1] == 1 and k_cache.dtype == q.dtype:
+        if kern and self.fused_decode and q.dtype == torch.float16 and k_cache.dtype == q.dtype \
+                and q.shape[-1] % 4 == 0:
             return kern.rope_kv_write(q, k, v, cos, sin, pos, slot, k_cache, v_cache)
         return rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=self.rotary)
 

@@ -637,6 +637,35 @@ def test_rope_kv_write(B, H, Hkv, D, pdtype):
     assert torch.equal(kc[:, :, 37], k2[:, 0])
 
 
+@pytest.mark.parametrize("B,T,H,Hkv,D,start", [(1, 1920, 32, 32, 128, 0), (2, 37, 9, 3, 64, 5), (3, 5, 8, 2, 128, 59)])
+def test_rope_kv_write_prompt(B, T, H, Hkv, D, start):
+    """T tokens at once (the prompt path): q rotated in place, k rotated and v copied into cache slots
+    start .. start + T - 1 (slots past the cache are skipped), bit-identical to rotary + copies."""
+    S, P = max(64, start + T), 4096
+    cos, sin = rope_tables(P, D)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=DEV).half()
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
+    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+    pos = (torch.arange(T, device=DEV) + start + torch.randint(0, 9, (B, 1), device=DEV)).clamp(max=P - 1)
+    S = min(S, start + T - (2 if T > 4 else 0))       # the last tokens fall past a short cache
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    kc0, vc0 = kc.clone(), vc.clone()
+    q2, k2 = q.clone(), k.clone()
+    ref_q = rotary_reference(q.clone(), cos, sin, pos)
+    ops.rotary_(q2, cos, sin, pos)
+    ops.rotary_(k2, cos, sin, pos)
+    v0 = v.clone()
+    ops.rope_kv_write(q, k, v, cos, sin, pos, torch.tensor([start], device=DEV), kc, vc)
+    assert torch.equal(q, q2)
+    n = S - start
+    assert torch.equal(kc[:, :, start:], k2[:, :n].transpose(1, 2))
+    assert torch.equal(vc[:, :, start:], v0[:, :n].transpose(1, 2))
+    assert torch.equal(kc[:, :, :start], kc0[:, :, :start]) and torch.equal(vc[:, :, :start], vc0[:, :, :start])
+    assert rel_err(q, ref_q) < ELEM_TOL
+
+
 def attn_reference(q, kc, vc, pos, kv_len, pad=None):
     """fp32 single-query attention with the decode mask (keys pad[b] <= j <= pos, j < kv_len)."""
     B, _, H, D = q.shape

@@ -6,84 +6,86 @@
 #include <math_constants.h>
 
 // ---- rope_kv_write ------------------------------------------------------------------------
-// One thread per (b, head of q|k|v, i < D/2). q and k heads rotate elements i and i + D/2
-// (rotate-half, as rotary.cu: fp32 math, one fp16 rounding); k goes to the cache rotated, v as is.
+// One thread per (b, t, head of q|k|v, pair j < D/4): elements 2j, 2j + 1 and their rotate-half
+// partners 2j + D/2, 2j + 1 + D/2 (as rotary.cu: fp32 math, one fp16 rounding). q rotates in place;
+// k goes to the cache rotated and v as is, token t at slot[0] + t. T = 1 is the decode step, T > 1 a
+// prompt (one launch instead of two rotary kernels and two cache copies).
 template <typename PT>
-__global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
-                                     const half* v, int64_t vsb, int64_t vsh, int H, int Hkv, int d,
-                                     const float* __restrict__ cosv, const float* __restrict__ sinv, int max_pos,
-                                     const PT* __restrict__ positions, int64_t psb, const int64_t* __restrict__ slot,
-                                     half* kc, half* vc, int S, int total)
+__global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qst, int64_t qsh, const half* k, int64_t ksb,
+                                     int64_t kst, int64_t ksh, const half* v, int64_t vsb, int64_t vst, int64_t vsh,
+                                     int T, int H, int Hkv, int d, const float* __restrict__ cosv,
+                                     const float* __restrict__ sinv, int max_pos, const PT* __restrict__ positions,
+                                     int64_t psb, int64_t pst, const int64_t* __restrict__ slot, half* kc, half* vc,
+                                     int S, long long total)
 {
     pdl_wait();
     pdl_trigger();
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    const int i = idx % d;
-    const int r = idx / d;
+    const int dp = d >> 1;                       // pairs per half of the head
+    const int j = (int)(idx % dp);
+    long long r = idx / dp;
     const int NH = H + 2 * Hkv;
-    const int hh = r % NH;
-    const int b = r / NH;
+    const int hh = (int)(r % NH);
+    r /= NH;
+    const int t = (int)(r % T);
+    const int b = (int)(r / T);
     const int D = 2 * d;
+    const int i = 2 * j;
 
-    const long long p = (long long)positions[b * psb];
+    const long long p = (long long)positions[b * psb + t * pst];
     const bool rot = p >= 0 && p < max_pos;
-    float c = 1.f, s = 0.f;
+    float2 c = make_float2(1.f, 1.f), s = make_float2(0.f, 0.f);
     if (rot && hh < H + Hkv)
     {
-        c = __ldg(cosv + p * d + i);
-        s = __ldg(sinv + p * d + i);
+        c = __ldg(reinterpret_cast<const float2*>(cosv + p * d + i));
+        s = __ldg(reinterpret_cast<const float2*>(sinv + p * d + i));
     }
+    auto rotate = [&](const half* src, half* dst) {
+        const float2 x1 = __half22float2(*reinterpret_cast<const half2*>(src + i));
+        const float2 x2 = __half22float2(*reinterpret_cast<const half2*>(src + i + d));
+        *reinterpret_cast<half2*>(dst + i) = __floats2half2_rn(x1.x * c.x - x2.x * s.x, x1.y * c.y - x2.y * s.y);
+        *reinterpret_cast<half2*>(dst + i + d) = __floats2half2_rn(x2.x * c.x + x1.x * s.x, x2.y * c.y + x1.y * s.y);
+    };
     if (hh < H)
     {
-        if (!rot) return;
-        half* base = q + b * qsb + hh * qsh;
-        const float x1 = __half2float(base[i]);
-        const float x2 = __half2float(base[i + d]);
-        base[i] = __float2half_rn(x1 * c - x2 * s);
-        base[i + d] = __float2half_rn(x2 * c + x1 * s);
+        half* base = q + b * qsb + t * qst + hh * qsh;
+        if (rot) rotate(base, base);
         return;
     }
-    const long long sl = slot[0];
+    const long long sl = slot[0] + t;
     if (sl < 0 || sl >= S) return;
-    if (hh < H + Hkv)
+    const bool is_k = hh < H + Hkv;
+    const int h = is_k ? hh - H : hh - H - Hkv;
+    const half* src = is_k ? k + b * ksb + t * kst + h * ksh : v + b * vsb + t * vst + h * vsh;
+    half* dst = (is_k ? kc : vc) + (((size_t)b * Hkv + h) * S + sl) * D;
+    if (is_k && rot)
     {
-        const int h = hh - H;
-        const half* src = k + b * ksb + h * ksh;
-        half* dst = kc + (((size_t)b * Hkv + h) * S + sl) * D;
-        const float x1 = __half2float(src[i]);
-        const float x2 = __half2float(src[i + d]);
-        dst[i] = rot ? __float2half_rn(x1 * c - x2 * s) : src[i];
-        dst[i + d] = rot ? __float2half_rn(x2 * c + x1 * s) : src[i + d];
+        rotate(src, dst);
     }
     else
     {
-        const int h = hh - H - Hkv;
-        const half* src = v + b * vsb + h * vsh;
-        half* dst = vc + (((size_t)b * Hkv + h) * S + sl) * D;
-        dst[i] = src[i];
-        dst[i + d] = src[i + d];
+        *reinterpret_cast<half2*>(dst + i) = *reinterpret_cast<const half2*>(src + i);
+        *reinterpret_cast<half2*>(dst + i + d) = *reinterpret_cast<const half2*>(src + i + d);
     }
 }
 
-cudaError_t rope_kv_write_launch(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
-                                 const half* v, int64_t vsb, int64_t vsh, int B, int H, int Hkv, int D,
-                                 const float* cos, const float* sin, int max_pos, const void* positions,
-                                 bool pos_is64, int64_t psb, const int64_t* slot, half* k_cache, half* v_cache,
-                                 int S, bool pdl, cudaStream_t stream)
+cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t stream)
 {
-    const int d = D / 2;
-    const int total = B * (H + 2 * Hkv) * d;
+    const int d = a.D / 2;
+    const long long total = (long long)a.B * a.T * (a.H + 2 * a.Hkv) * (d / 2);
     if (total == 0) return cudaSuccess;
     const int threads = 256;
-    const unsigned blocks = (unsigned)EXL_DIV_UP(total, threads);
-    if (pos_is64)
-        return launch_kernel(rope_kv_write_kernel<int64_t>, dim3(blocks), dim3(threads), 0, stream, pdl, q, qsb, qsh,
-                             k, ksb, ksh, v, vsb, vsh, H, Hkv, d, cos, sin, max_pos,
-                             static_cast<const int64_t*>(positions), psb, slot, k_cache, v_cache, S, total);
-    return launch_kernel(rope_kv_write_kernel<int32_t>, dim3(blocks), dim3(threads), 0, stream, pdl, q, qsb, qsh,
-                         k, ksb, ksh, v, vsb, vsh, H, Hkv, d, cos, sin, max_pos,
-                         static_cast<const int32_t*>(positions), psb, slot, k_cache, v_cache, S, total);
+    const unsigned blocks = (unsigned)EXL_DIV_UP(total, (long long)threads);
+    if (a.pos_is64)
+        return launch_kernel(rope_kv_write_kernel<int64_t>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
+                             a.qst, a.qsh, a.k, a.ksb, a.kst, a.ksh, a.v, a.vsb, a.vst, a.vsh, a.T, a.H, a.Hkv, d,
+                             a.cos, a.sin, a.max_pos, static_cast<const int64_t*>(a.positions), a.psb, a.pst, a.slot,
+                             a.k_cache, a.v_cache, a.S, total);
+    return launch_kernel(rope_kv_write_kernel<int32_t>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
+                         a.qst, a.qsh, a.k, a.ksb, a.kst, a.ksh, a.v, a.vsb, a.vst, a.vsh, a.T, a.H, a.Hkv, d,
+                         a.cos, a.sin, a.max_pos, static_cast<const int32_t*>(a.positions), a.psb, a.pst, a.slot,
+                         a.k_cache, a.v_cache, a.S, total);
 }
 
 // ---- decode_attention ---------------------------------------------------------------------

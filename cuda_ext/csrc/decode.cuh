@@ -1,6 +1,7 @@
 // The decode step's attention side (T = 1, positions on the device, CUDA-graph safe):
 //   rope_kv_write     rotate q in place, rotate k and store k and v at the cache slot: one launch
-//                     instead of two rotary kernels and two index_copy_.
+//                     instead of two rotary kernels and two index_copy_ (prompts too: T tokens at
+//                     slots slot[0] .. slot[0] + T - 1).
 //   decode_attention  single-query GQA attention over the cache, keys [pad[b], pos] inside [0, kv_len),
 //                     fp32 softmax, split over the key length (flash-decoding) with the partials
 //                     combined by the last block of each (batch, kv head), in split order.
@@ -16,11 +17,30 @@
 #define ATT_MAX_G 8                // query heads per kv head handled by one block
 #define ATT_COUNTERS 65536         // per-device (batch x kv head) counters for the split combine
 
-cudaError_t rope_kv_write_launch(half* q, int64_t qsb, int64_t qsh, const half* k, int64_t ksb, int64_t ksh,
-                                 const half* v, int64_t vsb, int64_t vsh, int B, int H, int Hkv, int D,
-                                 const float* cos, const float* sin, int max_pos, const void* positions,
-                                 bool pos_is64, int64_t psb, const int64_t* slot, half* k_cache, half* v_cache,
-                                 int S, bool pdl, cudaStream_t stream);
+// q [B, T, H, D], k / v [B, T, Hkv, D] as element strides (batch, token, head; the head dim contiguous,
+// every stride even, rows 4-byte aligned); caches [B, Hkv, S, D] contiguous; positions [B, T] strided.
+struct RopeKvArgs
+{
+    half* q;
+    int64_t qsb, qst, qsh;
+    const half* k;
+    int64_t ksb, kst, ksh;
+    const half* v;
+    int64_t vsb, vst, vsh;
+    int B, T, H, Hkv, D;
+    const float* cos;
+    const float* sin;
+    int max_pos;
+    const void* positions;
+    bool pos_is64;
+    int64_t psb, pst;
+    const int64_t* slot;
+    half* k_cache;
+    half* v_cache;
+    int S;
+};
+
+cudaError_t rope_kv_write_launch(const RopeKvArgs& args, bool pdl, cudaStream_t stream);
 
 struct DecodeAttnPlan
 {

@@ -41,12 +41,13 @@ int sm_count_of(int device)
     return counts[device];
 }
 
-void check_head_view(const torch::Tensor& t, const char* name, int64_t B, int64_t heads, int64_t D)
+// [B, T, heads, D] with the head dim contiguous and even strides (half2 access).
+void check_head_view(const torch::Tensor& t, const char* name, int64_t B, int64_t T, int64_t heads, int64_t D)
 {
     EXL_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
     EXL_CHECK(t.scalar_type() == torch::kFloat16, name, " must be float16 (got ", t.scalar_type(), ")");
-    EXL_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == 1 && t.size(2) == heads && t.size(3) == D,
-              name, " must have shape [", B, ", 1, ", heads, ", ", D, "] (got ", t.sizes(), ")");
+    EXL_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == T && t.size(2) == heads && t.size(3) == D,
+              name, " must have shape [", B, ", ", T, ", ", heads, ", ", D, "] (got ", t.sizes(), ")");
     EXL_CHECK(t.stride(3) == 1, name, " must be contiguous in the head dim (strides ", t.strides(), ")");
 }
 
@@ -65,13 +66,19 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
                    const torch::Tensor& sin, const torch::Tensor& positions, const torch::Tensor& slot,
                    torch::Tensor& k_cache, torch::Tensor& v_cache)
 {
-    EXL_CHECK(q.dim() == 4, "q must be [B, 1, H, D] (got shape ", q.sizes(), ")");
-    EXL_CHECK(k.dim() == 4, "k must be [B, 1, Hkv, D] (got shape ", k.sizes(), ")");
-    const int64_t B = q.size(0), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-    check_head_view(q, "q", B, H, D);
-    check_head_view(k, "k", B, Hkv, D);
-    check_head_view(v, "v", B, Hkv, D);
-    EXL_CHECK(D % 2 == 0, "head dim D=", D, " must be even");
+    EXL_CHECK(q.dim() == 4, "q must be [B, T, H, D] (got shape ", q.sizes(), ")");
+    EXL_CHECK(k.dim() == 4, "k must be [B, T, Hkv, D] (got shape ", k.sizes(), ")");
+    const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+    check_head_view(q, "q", B, T, H, D);
+    check_head_view(k, "k", B, T, Hkv, D);
+    check_head_view(v, "v", B, T, Hkv, D);
+    EXL_CHECK(D % 4 == 0, "head dim D=", D, " must be a multiple of 4");
+    for (const torch::Tensor* t : {&q, &k, &v})
+    {
+        EXL_CHECK(t->stride(0) % 2 == 0 && t->stride(1) % 2 == 0 && t->stride(2) % 2 == 0 &&
+                      reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0,
+                  "q, k and v need even strides and 4-byte aligned rows (strides ", t->strides(), ")");
+    }
     check_cache(k_cache, "k_cache", B, Hkv, D);
     check_cache(v_cache, "v_cache", B, Hkv, D);
     EXL_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache");
@@ -84,8 +91,8 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
     EXL_CHECK(sin.sizes() == cos.sizes(), "sin must have the shape of cos");
     EXL_CHECK(positions.scalar_type() == torch::kInt32 || positions.scalar_type() == torch::kInt64,
               "positions must be int32 or int64 (got ", positions.scalar_type(), ")");
-    EXL_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == 1,
-              "positions must have shape [", B, ", 1] (got ", positions.sizes(), ")");
+    EXL_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T,
+              "positions must have shape [", B, ", ", T, "] (got ", positions.sizes(), ")");
     EXL_CHECK_DTYPE(slot, torch::kInt64);
     EXL_CHECK(slot.numel() >= 1, "slot must hold the cache position");
     for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&k, &v, &cos, &sin, &positions, &slot, &k_cache, &v_cache})
@@ -93,23 +100,26 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
 
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    C10_CUDA_CHECK(rope_kv_write_launch(
-        reinterpret_cast<half*>(q.data_ptr<at::Half>()), q.stride(0), q.stride(2),
-        reinterpret_cast<const half*>(k.data_ptr<at::Half>()), k.stride(0), k.stride(2),
-        reinterpret_cast<const half*>(v.data_ptr<at::Half>()), v.stride(0), v.stride(2), (int)B, (int)H, (int)Hkv,
-        (int)D, cos.data_ptr<float>(), sin.data_ptr<float>(), (int)cos.size(0), positions.data_ptr(),
-        positions.scalar_type() == torch::kInt64, positions.stride(0), slot.data_ptr<int64_t>(),
-        reinterpret_cast<half*>(k_cache.data_ptr<at::Half>()), reinterpret_cast<half*>(v_cache.data_ptr<at::Half>()),
-        (int)k_cache.size(2), pdl_auto(q.device().index()), stream));
+    RopeKvArgs a{};
+    a.q = reinterpret_cast<half*>(q.data_ptr<at::Half>());
+    a.qsb = q.stride(0); a.qst = q.stride(1); a.qsh = q.stride(2);
+    a.k = reinterpret_cast<const half*>(k.data_ptr<at::Half>());
+    a.ksb = k.stride(0); a.kst = k.stride(1); a.ksh = k.stride(2);
+    a.v = reinterpret_cast<const half*>(v.data_ptr<at::Half>());
+    a.vsb = v.stride(0); a.vst = v.stride(1); a.vsh = v.stride(2);
+    a.B = (int)B; a.T = (int)T; a.H = (int)H; a.Hkv = (int)Hkv; a.D = (int)D;
+    a.cos = cos.data_ptr<float>();
+    a.sin = sin.data_ptr<float>();
+    a.max_pos = (int)cos.size(0);
+    a.positions = positions.data_ptr();
+    a.pos_is64 = positions.scalar_type() == torch::kInt64;
+    a.psb = positions.stride(0); a.pst = positions.stride(1);
+    a.slot = slot.data_ptr<int64_t>();
+    a.k_cache = reinterpret_cast<half*>(k_cache.data_ptr<at::Half>());
+    a.v_cache = reinterpret_cast<half*>(v_cache.data_ptr<at::Half>());
+    a.S = (int)k_cache.size(2);
+    C10_CUDA_CHECK(rope_kv_write_launch(a, pdl_auto(q.device().index()), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t kv_len,
-                                           int64_t device, int64_t splits)
-{
-    const DecodeAttnPlan p = decode_attention_plan((int)B, (int)Hkv, (int)G, (int)D, (int)kv_len,
-                                                   sm_count_of((int)device), (int)splits);
-    return {p.splits, p.chunk, (int64_t)p.smem};
 }
 
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -119,7 +129,7 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
     EXL_CHECK(q.dim() == 4, "q must be [B, 1, H, D] (got shape ", q.sizes(), ")");
     EXL_CHECK(k_cache.dim() == 4, "k_cache must be [B, Hkv, S, D] (got shape ", k_cache.sizes(), ")");
     const int64_t B = q.size(0), H = q.size(2), D = q.size(3), Hkv = k_cache.size(1), S = k_cache.size(2);
-    check_head_view(q, "q", B, H, D);
+    check_head_view(q, "q", B, 1, H, D);
     check_cache(k_cache, "k_cache", B, Hkv, D);
     check_cache(v_cache, "v_cache", B, Hkv, D);
     EXL_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache");
