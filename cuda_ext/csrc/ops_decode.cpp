@@ -73,7 +73,7 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
     check_head_view(k, "k", B, T, Hkv, D);
     check_head_view(v, "v", B, T, Hkv, D);
     EXL_CHECK(D % 4 == 0, "head dim D=", D, " must be a multiple of 4");
-    for (const torch::Tensor* t : {&q, &k, &v})
+    for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&q, &k, &v})
     {
         EXL_CHECK(t->stride(0) % 2 == 0 && t->stride(1) % 2 == 0 && t->stride(2) % 2 == 0 &&
                       reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0,
