@@ -122,6 +122,14 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t kv_len,
+                                           int64_t device, int64_t splits)
+{
+    const DecodeAttnPlan p = decode_attention_plan((int)B, (int)Hkv, (int)G, (int)D, (int)kv_len,
+                                                   sm_count_of((int)device), (int)splits);
+    return {p.splits, p.chunk, (int64_t)p.smem};
+}
+
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
                       torch::Tensor& out, int64_t splits)
