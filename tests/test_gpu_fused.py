@@ -89,7 +89,7 @@ def test_long_prompt_ffn_slices_equal_the_fused_path(tmp_path, monkeypatch):
         if mma:
             assert all(layer.mlp.down_proj.use_mma_layout() for layer in gpu.layers)
         ref = gpu(ids, gpu.new_cache(), last_only=False).float()
-        monkeypatch.setattr(MLP, "SLICE_BYTES", 200 * 2 * 256 * 2)   # gate+up of 256 FFN columns: 3 slices
+        monkeypatch.setattr(MLP, "SLICE_BYTES", 200 * 256 * 2)       # 256-column slices: 3 of them
         assert gpu.layers[0].mlp.ffn_slices(torch.empty(1, 200, 256, device="cuda", dtype=torch.float16)) == \
             [(0, 256), (256, 512), (512, 768)]
         sliced = gpu(ids, gpu.new_cache(), last_only=False).float()
