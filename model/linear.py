@@ -38,20 +38,6 @@ class Linear(nn.Module):
         self.qweight, self.scales, self.offsets, self.perm, self.bias = qweight, scales, offsets, perm, bias
         self.weight, self.mma = None, mma
 
-    def q4_part(self, cols: tuple[int, int] | None = None, rows: tuple[int, int] | None = None) -> "Linear":
-        """A 4-bit layer viewing output columns cols = (n0, n1) and/or inputs rows = (k0, k1) of this one (no
-        copy, no adapters). Rows must be whole groups (and 64-row chunks in the mma layout), without act-order."""
-        n0, n1 = cols or (0, self.out_features)
-        k0, k1 = rows or (0, self.in_features)
-        gs = self.in_features // self.scales.shape[0]
-        if rows and (self.perm is not None or k0 % gs or k1 % gs or (self.mma and (k0 % 64 or k1 % 64))):
-            raise ValueError(f"rows {k0}:{k1} do not cut whole groups of this layer")
-        part = Linear(k1 - k0, n1 - n0, self.ops)
-        part.set_q4(self.qweight[k0 // 8:k1 // 8, n0:n1], self.scales[k0 // gs:k1 // gs, n0:n1],
-                    self.offsets[k0 // gs:k1 // gs, n0:n1], self.perm,
-                    self.bias[n0:n1] if self.bias is not None else None, mma=self.mma)
-        return part
-
     def use_mma_layout(self) -> bool:
         """Rewrite qweight (and so the views of it) in place into the mma layout of the tensor-core GEMV,
         where every part takes it; returns whether it did."""

@@ -34,9 +34,6 @@ class DecoderLayer(nn.Module):
         # (both fused into the 4-bit kernel on GPUs for a few rows; applied separately otherwise).
         h = self.self_attn(h, rope, pos, cache, start, mask, lora, residual=h, norm=self.input_layernorm)
         m = self.mlp
-        slices = m.ffn_slices(h, lora)
-        if slices:
-            return m.forward_sliced(self.post_attention_layernorm(h), slices, h)
         if m.gate_up is not None:
             # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul;
             # Linear applies them separately where an adapter needs the transformed input)

@@ -115,10 +115,9 @@ class Ops:
         k = self.kernels_for(x)
         return k.rotary_(x, cos, sin, pos) if k else rotary_ref(x, cos, sin, pos)
 
-    def silu_mul(self, gate, up, out=None):
-        """silu(gate) * up; `out` (e.g. gate itself) may receive it where the kernel runs."""
+    def silu_mul(self, gate, up):
         k = self.kernels_for(gate)
-        return k.silu_mul(gate, up, out=out) if k else silu_mul_ref(gate, up)
+        return k.silu_mul(gate, up) if k else silu_mul_ref(gate, up)
 
     def fused_decode_ok(self, x, cfg) -> bool:
         """Whether the static decode step can use rope_kv_write + decode_attention for x's device."""

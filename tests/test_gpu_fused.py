@@ -76,27 +76,6 @@ def test_every_layer_in_mma_layout_matches_row_layout(models, tmp_path):
         assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 5e-3, t
 
 
-def test_long_prompt_ffn_slices_equal_the_fused_path(tmp_path, monkeypatch):
-    """The prompt MLP in FFN column slices (what bounds a long prompt's activations) gives the logits of the
-    fused gate|up path, in both weight layouts of down."""
-    from model.mlp import MLP
-    hf = hf_tiny(seed=22, vocab_size=512, hidden_size=256, intermediate_size=768, num_attention_heads=4,
-                 num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=512)
-    folder = gptq_checkpoint(hf, tmp_path / "m", 64, False, False)
-    gpu = load_ours(folder, device="cuda", dtype="float16", weight_dtype="float16", max_seq_len=256)
-    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(6)).cuda()
-    for mma in (False, True):
-        if mma:
-            assert all(layer.mlp.down_proj.use_mma_layout() for layer in gpu.layers)
-        ref = gpu(ids, gpu.new_cache(), last_only=False).float()
-        monkeypatch.setattr(MLP, "SLICE_BYTES", 200 * 256 * 2)       # 256-column slices: 3 of them
-        assert gpu.layers[0].mlp.ffn_slices(torch.empty(1, 200, 256, device="cuda", dtype=torch.float16)) == \
-            [(0, 256), (256, 512), (512, 768)]
-        sliced = gpu(ids, gpu.new_cache(), last_only=False).float()
-        monkeypatch.undo()
-        assert ((sliced - ref).norm() / ref.norm()).item() < 2e-3
-
-
 def test_embedding_table_in_host_memory(models, tmp_path):
     """An untied model keeps its embedding table in pinned host memory on GPUs (no VRAM); logits of
     the forward and of the captured decode step equal those with the table on the GPU."""

@@ -199,25 +199,6 @@ def test_model_in_mma_layout_gives_the_same_output(tmp_path, act_order):
     assert torch.equal(model(ids, last_only=False), before)
 
 
-@pytest.mark.parametrize("mma", [False, True])
-def test_ffn_in_column_slices_equals_fused(tmp_path, mma):
-    """The long-prompt MLP path (FFN column slices, down accumulating over them) == the fused gate|up path."""
-    hf = hf_tiny(seed=10, hidden_size=128, intermediate_size=384)
-    model = load_ours(gptq_checkpoint(hf, tmp_path / "q", 64, False, False), keep_q4=True)
-    layer = model.layers[0]
-    m = layer.mlp
-    if mma:
-        assert m.gate_up.use_mma_layout() and m.down_proj.use_mma_layout()
-    h = torch.randn(1, 9, 128)
-    x = layer.post_attention_layernorm(h)
-    fused = m.down_proj(m.ops.silu_mul(*m.gate_up(x).chunk(2, -1)), residual=h)
-    sliced = m.forward_sliced(x, [(0, 128), (128, 256), (256, 384)], h)
-    assert rel(sliced, fused) < 1e-5
-    assert m.ffn_slices(h) is None              # CPU, short input: the fused path
-    with pytest.raises(ValueError, match="whole groups"):
-        m.down_proj.q4_part(rows=(0, 96))
-
-
 def test_layers_split_over_devices_give_the_same_output(tmp_path):
     """Hidden states hop between device segments (here two 'devices' that are both the CPU)."""
     from model.graph import GraphDecoder
