@@ -33,6 +33,11 @@ class GraphDecoder:
         self.h_in = [None] + [torch.zeros(B, 1, model.cfg.hidden_size, dtype=model.dtype, device=d)
                               for d, _, _ in self.segs[1:]]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # One memory pool per device for all its graphs: steps never run concurrently and each replay
+        # writes its intermediates before reading them, so the buckets' graphs can share their scratch
+        # (8 buckets of a 7B model held 65 MB in private pools, docs/performance.md); outputs stay
+        # referenced here, so no later capture reuses them.
+        self.pools: dict[torch.device, tuple] = {}
 
     def _kv_len(self, pos: int) -> int:
         return min(self.cache.max_seq_len, (pos // self.bucket + 1) * self.bucket)
@@ -54,9 +59,11 @@ class GraphDecoder:
                         self._step(seg, kv_len, lora, padded)
                 torch.cuda.current_stream().wait_stream(stream)
                 g = torch.cuda.CUDAGraph()
+                if dev not in self.pools:
+                    self.pools[dev] = torch.cuda.graph_pool_handle()
                 # the capture stream must be this device's: torch's default one belongs to the first
                 # device that captured, and a later device's kernels would run uncaptured
-                with torch.cuda.graph(g, stream=stream):
+                with torch.cuda.graph(g, pool=self.pools[dev], stream=stream):
                     out = self._step(seg, kv_len, lora, padded)
             self.graphs[key] = (g, out)
         return self.graphs[key]
