@@ -5,7 +5,7 @@ here, so callers need not check. Shapes: `...` is any number of leading dims.
 
     q4_matmul(x [..., K], qweight, scales, offsets, perm=None, *, bias=None, residual=None, out=None) -> [..., N]
         M = prod(...) <= 8 rows: q4_gemm_small (reads the packed weights once);
-        more rows: q4_dequant to fp16 [K, N] + torch.matmul (cuBLAS).
+        more rows: q4_matmul_prompt: q4_dequant to fp16 column slices + cuBLAS, overlapped.
     q4_gemm_small(x [M <= 8, K], ...) -> [M, N]    the small-M kernel itself (tn/splits/variant for tuning)
     q4_dequant(qweight, scales, offsets, perm=None, *, out=None) -> fp16 [K, N]
         with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather;
@@ -30,11 +30,11 @@ import torch
 from . import build
 
 SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
-# Prompt path: weights are dequantized to fp16 in column slices of at most this many bytes, so the
-# scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once). Smaller slices
-# save VRAM but cost host time per slice: on an H100, 16 MiB made a 7B prompt host-bound (27.7k t/s
-# against 35.9k with 32 MiB, docs/performance.md).
-DEQUANT_CHUNK_BYTES = 32 << 20
+# Prompt path (q4_matmul_prompt, C++): weights are dequantized to fp16 in column slices of at most this
+# many bytes into two buffers, on a side stream a slice ahead of the cuBLAS GEMMs, so the scratch stays
+# small whatever the layer (a 70B gate|up would need 0.9 GB at once) and dequantization overlaps the
+# GEMMs. (From Python, 16 MiB slices made a 7B prompt host-bound: 27.7k t/s, docs/performance.md.)
+DEQUANT_SLICE_BYTES = 16 << 20
 
 
 def _ext():
@@ -131,22 +131,8 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     else:
         y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
         res2 = residual.reshape(M, N) if residual is not None else None
-        width = N if K * N * 2 <= DEQUANT_CHUNK_BYTES else max(128, DEQUANT_CHUNK_BYTES // (2 * K) // 128 * 128)
-        scratch = torch.empty(K * min(width, N), dtype=torch.float16, device=x.device)
-        for c0 in range(0, N, width):
-            c1 = min(N, c0 + width)
-            w = q4_dequant(qweight[:, c0:c1], scales[:, c0:c1], offsets[:, c0:c1], perm,
-                           out=scratch[:K * (c1 - c0)].view(K, c1 - c0), mma=mma)
-            # bias / residual enter as cuBLAS's beta * C; torch writes a column slice through a temporary
-            part = y if width >= N else y[:, c0:c1]
-            base = res2[:, c0:c1] if res2 is not None else None
-            if bias is not None:
-                b = bias[c0:c1].to(torch.float16)
-                base = b if base is None else base + b
-            if base is None:
-                torch.mm(x2, w, out=part)
-            else:
-                torch.addmm(base, x2, w, out=part)
+        b = bias.to(torch.float16) if bias is not None else None
+        _ext().q4_matmul_prompt(x2, qweight, scales, offsets, perm, b, res2, y, bool(mma), DEQUANT_SLICE_BYTES)
     return out if out is not None else y.reshape(*lead, N)
 
 

@@ -260,7 +260,8 @@ def test_q4_dequant_column_slice(act_order):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_q4_matmul_prompt_path_in_column_chunks(monkeypatch, act_order):
-    """A weight bigger than the dequant scratch is done in column chunks (last one narrower)."""
+    """A weight bigger than the dequant slice is done in column slices (the last one narrower), dequantized on
+    a side stream ahead of the GEMMs into two buffers; both weight layouts; residual added in place."""
     K, N, M = 1024, 2000, 64
     qw, sc, of, perm = make_q4(K, N, 128, act_order)
     x = torch.randn(M, K, device=DEV).half()
@@ -268,13 +269,20 @@ def test_q4_matmul_prompt_path_in_column_chunks(monkeypatch, act_order):
     res = torch.randn(M, N, device=DEV).half()
     whole = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res)
     plain = ops.q4_matmul(x, qw, sc, of, perm)
-    monkeypatch.setattr(ops, "DEQUANT_CHUNK_BYTES", K * 2 * 384)    # 384 columns: 6 chunks, the last 80 wide
+    wq = to_mma_layout(qw[:, :1920].contiguous())
+    plain_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True)
+    monkeypatch.setattr(ops, "DEQUANT_SLICE_BYTES", K * 2 * 384)    # 384 columns: 6 slices, the last 80 wide
     out = poison((M, N))
     chunked = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, out=out)
     # cuBLAS may pick another kernel for a narrower N: equal up to fp16 rounding, not bit for bit
     assert chunked is out and rel_err(chunked, whole.float()) < 1e-3
     assert rel_err(ops.q4_matmul(x, qw, sc, of, perm), plain.float()) < 1e-3
     assert rel_err(whole, ref_q4(x, qw, sc, of, perm, bias, res)) < Q4_TOL
+    sliced_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True)
+    assert rel_err(sliced_mma, plain_mma.float()) < 1e-3
+    acc = res.clone()
+    ops.q4_matmul(x, qw, sc, of, perm, residual=acc, out=acc)
+    assert rel_err(acc, ref_q4(x, qw, sc, of, perm, residual=res)) < Q4_TOL
 
 
 def test_q4_matmul_bf16_falls_back():

@@ -23,6 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     m.def("q4_dequant", &q4_dequant, "out[K, N] (fp16) = dequant(qweight, scales, offsets), row k to perm[k] if given",
           py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"),
           py::arg("mma") = false);
+    m.def("q4_matmul_prompt", &q4_matmul_prompt,
+          "out[M, N] = x @ dequant(W) + bias + residual for many rows: column slices of <= slice_bytes of fp16 "
+          "weights, dequantized on a side stream a slice ahead of the cuBLAS GEMMs",
+          py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("bias"),
+          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"));
     // tensor-core GEMV on weights in the mma layout (q4_gemm_small(..., mma=True))
     m.def("q4_mma_plan", &q4_mma_plan_info,
           "[tn, splits, units_per_split, chunks_per_unit, variant, tiles, smem_bytes, fold_steps] of the mma kernel",

@@ -6,6 +6,8 @@
 #include "q4_mma.cuh"
 #include "launch.h"
 
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
@@ -296,3 +298,93 @@ std::string q4_mma_variant_name_py(int64_t variant) { return q4_mma_variant_name
 int64_t q4_mma_num_variants_py() { return q4_mma_num_variants(); }
 
 bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups) { return q4_mma_supported((int)K, (int)N, (int)groups); }
+
+void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                      const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
+                      const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                      torch::Tensor& out, bool mma, int64_t slice_bytes)
+{
+    int64_t K, N, groups;
+    check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
+    EXL_CHECK(!mma || q4_mma_supported((int)K, (int)N, (int)groups), "q4_matmul_prompt: K=", K, " N=", N,
+              " has no mma layout");
+    EXL_CHECK_DTYPE(x, torch::kFloat16);
+    EXL_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, K=", K, "] (got ", x.sizes(), ")");
+    EXL_CHECK_SAME_DEVICE(x, qweight);
+    const int64_t M = x.size(0);
+    EXL_CHECK_DTYPE(out, torch::kFloat16);
+    EXL_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1,
+              "out must be [", M, ", ", N, "] with contiguous rows (got ", out.sizes(), ")");
+    EXL_CHECK_SAME_DEVICE(out, qweight);
+    if (residual.has_value())
+        EXL_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == torch::kFloat16,
+                  "residual must be fp16 [", M, ", ", N, "] (got ", residual->sizes(), ")");
+    if (bias.has_value())
+        EXL_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat16, "bias must be fp16 [", N, "]");
+
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    const int device = qweight.device().index();
+    // Column slices of at most slice_bytes of fp16 weights, whole 128-column blocks.
+    int64_t width = N;
+    if (K * N * 2 > slice_bytes) width = std::max<int64_t>(128, slice_bytes / (2 * K) / 128 * 128);
+    width = std::min(width, N);
+    const int nslices = (int)((N + width - 1) / width);
+
+    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device);
+    torch::Tensor bufs[2];
+    const int nbuf = nslices > 1 ? 2 : 1;
+    for (int b = 0; b < nbuf; ++b) bufs[b] = torch::empty({K * width}, x.options());
+    const int32_t* p32 = nullptr;
+    const int64_t* p64 = nullptr;
+    if (perm.has_value())
+    {
+        if (perm->scalar_type() == torch::kInt64) p64 = perm->data_ptr<int64_t>();
+        else p32 = perm->data_ptr<int32_t>();
+    }
+    auto dequant = mma ? q4_dequant_mma_launch : q4_dequant_launch;
+    const uint32_t* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+    const half* sc = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
+    const half* of = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
+
+    // One slice: the weights dequantized on `stream` into buffer b, then out[:, c0:c1] by cuBLAS on main.
+    // With two or more slices the dequantization runs on a side stream, a slice ahead of the GEMMs
+    // (memory-bound next to compute-bound: they overlap), double-buffered.
+    const c10::cuda::CUDAStream side = nslices > 1 ? c10::cuda::getStreamFromPool(false, device) : main;
+    at::cuda::CUDAEvent ready[2], done[2];
+    if (nslices > 1)
+    {
+        at::cuda::CUDAEvent start;
+        start.record(main);
+        start.block(side);                    // x, out and the weights are main's
+        for (int b = 0; b < nbuf; ++b)
+            c10::cuda::CUDACachingAllocator::recordStream(bufs[b].storage().data_ptr(), side);
+    }
+    for (int i = 0; i < nslices; ++i)
+    {
+        const int b = i % nbuf;
+        const int64_t c0 = i * width, w = std::min(width, N - c0);
+        if (nslices > 1 && i >= nbuf) done[b].block(side);   // the GEMM that read buffer b is done
+        C10_CUDA_CHECK(dequant(qw + c0, sc + c0, of + c0, p32, p64,
+                               reinterpret_cast<half*>(bufs[b].data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
+                               qweight.stride(0), scales.stride(0), false, side));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (nslices > 1)
+        {
+            ready[b].record(side);
+            ready[b].block(main);
+        }
+        const torch::Tensor wt = bufs[b].narrow(0, 0, K * w).view({K, w});
+        torch::Tensor part = out.narrow(1, c0, w);
+        if (residual.has_value() || bias.has_value())
+        {
+            torch::Tensor base = residual.has_value() ? residual->narrow(1, c0, w) : bias->narrow(0, c0, w);
+            if (residual.has_value() && bias.has_value()) base = base + bias->narrow(0, c0, w);
+            at::addmm_out(part, base, x, wt);
+        }
+        else
+        {
+            at::mm_out(part, x, wt);
+        }
+        if (nslices > 1) done[b].record(main);
+    }
+}
