@@ -105,6 +105,10 @@ def decode_speed(model, cache, n: int, step) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _peak_mb(model) -> float:
+    return sum(torch.cuda.max_memory_allocated(d) for d in _gpus(model)) / 2**20 if model.device.type == "cuda" else 0.0
+
+
 def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> dict:
     gen = 128
     prompt_len = max(1, length - gen)
@@ -117,14 +121,19 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     model(ids, cache, lora=lora)
     _sync(model)
     prompt = prompt_len / (time.perf_counter() - t0)
+    phases = {"prompt": _peak_mb(model)}            # where the VRAM peak happens (cumulative peaks)
     cache.reset()
     step = _decoder(model, cache, graphs, lora)
     best = decode_speed(model, cache, gen, step)
+    phases["decode"] = _peak_mb(model)
     cache.truncate(0)
     model(ids, cache, lora=lora)                    # fill the context, then decode at its end
+    phases["prompt with graphs held"] = _peak_mb(model)
     worst = decode_speed(model, cache, gen, step)
+    phases["decode at the full context"] = _peak_mb(model)
     r = {"prompt_tokens": prompt_len, "prompt_tps": prompt, "best_tps": best, "worst_tps": worst}
     if model.device.type == "cuda":
+        r["vram_phases_mb"] = phases
         per = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in _gpus(model)}
         r["vram_mb"] = sum(per.values())
         if len(per) > 1:

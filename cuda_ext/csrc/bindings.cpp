@@ -25,9 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("mma") = false);
     m.def("q4_matmul_prompt", &q4_matmul_prompt,
           "out[M, N] = x @ dequant(W) + bias + residual for many rows: column slices of <= slice_bytes of fp16 "
-          "weights, dequantized on a side stream a slice ahead of the cuBLAS GEMMs",
+          "weights, each dequantized then multiplied by cuBLAS (overlap: dequantized on a side stream ahead)",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("bias"),
-          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"));
+          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"), py::arg("overlap") = false);
     // tensor-core GEMV on weights in the mma layout (q4_gemm_small(..., mma=True))
     m.def("q4_mma_plan", &q4_mma_plan_info,
           "[tn, splits, units_per_split, chunks_per_unit, variant, tiles, smem_bytes, fold_steps] of the mma kernel",

@@ -302,7 +302,7 @@ bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups) { return q4_mma_s
 void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                       const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                      torch::Tensor& out, bool mma, int64_t slice_bytes)
+                      torch::Tensor& out, bool mma, int64_t slice_bytes, bool overlap)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
@@ -331,8 +331,9 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     const int nslices = (int)((N + width - 1) / width);
 
     const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device);
+    const bool two = overlap && nslices > 1;
     torch::Tensor bufs[2];
-    const int nbuf = nslices > 1 ? 2 : 1;
+    const int nbuf = two ? 2 : 1;
     for (int b = 0; b < nbuf; ++b) bufs[b] = torch::empty({K * width}, x.options());
     const int32_t* p32 = nullptr;
     const int64_t* p64 = nullptr;
@@ -346,12 +347,11 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     const half* sc = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
     const half* of = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
 
-    // One slice: the weights dequantized on `stream` into buffer b, then out[:, c0:c1] by cuBLAS on main.
-    // With two or more slices the dequantization runs on a side stream, a slice ahead of the GEMMs
-    // (memory-bound next to compute-bound: they overlap), double-buffered.
-    const c10::cuda::CUDAStream side = nslices > 1 ? c10::cuda::getStreamFromPool(false, device) : main;
+    // One slice: the weights dequantized into buffer b, then out[:, c0:c1] by cuBLAS on main. With
+    // `overlap` the dequantization runs on a side stream a slice ahead of the GEMMs, double-buffered.
+    const c10::cuda::CUDAStream side = two ? c10::cuda::getStreamFromPool(false, device) : main;
     at::cuda::CUDAEvent ready[2], done[2];
-    if (nslices > 1)
+    if (two)
     {
         at::cuda::CUDAEvent start;
         start.record(main);
@@ -363,12 +363,12 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     {
         const int b = i % nbuf;
         const int64_t c0 = i * width, w = std::min(width, N - c0);
-        if (nslices > 1 && i >= nbuf) done[b].block(side);   // the GEMM that read buffer b is done
+        if (two && i >= nbuf) done[b].block(side);   // the GEMM that read buffer b is done
         C10_CUDA_CHECK(dequant(qw + c0, sc + c0, of + c0, p32, p64,
                                reinterpret_cast<half*>(bufs[b].data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
                                qweight.stride(0), scales.stride(0), false, side));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (nslices > 1)
+        if (two)
         {
             ready[b].record(side);
             ready[b].block(main);
@@ -385,6 +385,6 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
         {
             at::mm_out(part, x, wt);
         }
-        if (nslices > 1) done[b].record(main);
+        if (two) done[b].record(main);
     }
 }
