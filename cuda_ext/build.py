@@ -32,6 +32,7 @@ SOURCES = (
     "q4_gemm_m6_7_8.cu",
     "q4_dequant.cu",
     "q4_mma.cu",
+    "dense_gemv.cu",
     "norm.cu",
     "rotary.cu",
     "act.cu",

@@ -140,6 +140,24 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     return out if out is not None else y.reshape(*lead, N)
 
 
+# ---- dense fp16 GEMV ----------------------------------------------------------------------
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+               norm_eps: float = 0.0) -> torch.Tensor:
+    """out [M, N] = rms_norm?(x [M <= 8, K]) @ weight [N, K]^T (+ residual), fp16, fp32 sums. No cuBLAS, so no
+    cuBLAS workspace inside a captured decode step (the fp16 LM head)."""
+    x = x.contiguous()
+    if not _aligned(x):
+        x = x.clone()
+    if out is None:
+        out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float16, device=x.device)
+    if norm_weight is not None:
+        norm_weight = _norm_weight(norm_weight).float()
+    _ext().dense_gemv(x, weight, residual, out, norm_weight, float(norm_eps))
+    return out
+
+
 # ---- norms ------------------------------------------------------------------------------
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

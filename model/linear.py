@@ -80,7 +80,12 @@ class Linear(nn.Module):
         """x @ W^T + b (+ the adapter's term) (+ residual, fused into the 4-bit kernel on GPUs).
 
         norm (an RMSNorm): the input is norm(x); silu: the input is silu(gate) * up of x = gate|up.
-        For 4-bit weights and a few rows on a GPU both run inside the GEMV (model/ops.py)."""
+        For 4-bit weights and a few rows on a GPU both run inside the GEMV (model/ops.py), and so does the norm
+        for fp16 dense weights (the LM head)."""
+        if not self.quantized and not silu and self.bias is None and lora not in self.lora:
+            y = self.ops.dense_gemv(x, self.weight, (norm.weight, norm.eps) if norm is not None else None)
+            if y is not None:
+                return y if residual is None else y + residual
         if (norm is not None or silu) and (not self.quantized or lora in self.lora):
             if norm is not None:
                 x = norm(x)

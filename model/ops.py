@@ -142,6 +142,20 @@ class Ops:
             return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
         return decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad)
 
+    def dense_gemv(self, x, weight, norm=None):
+        """x [..., K] (rms_norm'd first with norm=(weight, eps)) @ weight [N, K]^T for a few fp16 rows on a GPU
+        by the extension's GEMV (the decode step's fp16 LM head); None where it does not apply."""
+        k = self.kernels_for(x)
+        K = x.shape[-1]
+        rows = x.numel() // max(K, 1)
+        if not (k and x.dtype == torch.float16 and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
+                and weight.stride(-1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
+                and rows * K * 4 <= 96 * 1024 and weight.device == x.device):
+            return None
+        nw, eps = norm if norm is not None else (None, 0.0)
+        y = k.dense_gemv(x.reshape(rows, K), weight, norm_weight=nw, norm_eps=eps)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
     def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False,
                   mma=False):
         """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds); mma: qweight is in the mma

@@ -615,6 +615,41 @@ def test_q4_matmul_mma_dispatch(lead):
     assert rel_err(yb, ref_q4(x, qw, sc, of, perm)) < 1e-2
 
 
+# ---- dense fp16 GEMV (the decode step's LM head) --------------------------------------------
+
+@pytest.mark.parametrize("K,N", [(576, 49152), (4096, 32000), (1536, 1000), (8, 7)])
+def test_dense_gemv(K, N):
+    w = (torch.randn(N, K, device=DEV) / K ** 0.5).half()
+    nw = (torch.rand(K, device=DEV) + 0.5).float()
+    for M in (1, 2, 5, 8):
+        x = torch.randn(M, K, device=DEV).half()
+        res = torch.randn(M, N, device=DEV).half()
+        out = poison((M, N))
+        ops.dense_gemv(x, w, residual=res, out=out)
+        assert rel_err(out, x.float() @ w.float().t() + res.float()) < ELEM_TOL, f"M={M}"
+        y = ops.dense_gemv(x, w, norm_weight=nw, norm_eps=1e-5)
+        assert rel_err(y, rms_ref(x, nw, 1e-5).half().float() @ w.float().t()) < ELEM_TOL, f"M={M} norm"
+
+
+def test_dense_gemv_strided_weight_rows_and_graph():
+    K, N = 1024, 3000
+    big = torch.randn(N, K + 64, device=DEV).half()
+    w = big[:, :K]                                          # rows 1088 elements apart
+    x = torch.randn(1, K, device=DEV).half()
+    out = torch.empty(1, N, device=DEV, dtype=torch.float16)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        ops.dense_gemv(x, w, out=out)
+        with torch.cuda.graph(g, stream=s):
+            ops.dense_gemv(x, w, out=out)
+    x.copy_(torch.randn(1, K, device=DEV).half())
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, x.float() @ w.float().t()) < ELEM_TOL
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.dense_gemv(torch.randn(9, K, device=DEV).half(), w)
+
 # ---- decode step: rope_kv_write, decode_attention -------------------------------------------
 
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 32, 32, 128), (2, 9, 3, 64), (3, 8, 2, 128)])

@@ -28,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           "weights, each dequantized then multiplied by cuBLAS (overlap: dequantized on a side stream ahead)",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("bias"),
           py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"), py::arg("overlap") = false);
+    m.def("dense_gemv", &dense_gemv,
+          "out[M, N] = rms_norm?(x[M, K]) @ weight[N, K]^T + residual for M <= 8 fp16 rows (no cuBLAS workspace)",
+          py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("out"), py::arg("norm_weight") = py::none(),
+          py::arg("norm_eps") = 0.0);
     // tensor-core GEMV on weights in the mma layout (q4_gemm_small(..., mma=True))
     m.def("q4_mma_plan", &q4_mma_plan_info,
           "[tn, splits, units_per_split, chunks_per_unit, variant, tiles, smem_bytes, fold_steps] of the mma kernel",

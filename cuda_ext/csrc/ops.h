@@ -21,6 +21,8 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
                       const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                       torch::Tensor& out, bool mma, int64_t slice_bytes, bool overlap);
+void dense_gemv(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& residual,
+                torch::Tensor& out, const std::optional<torch::Tensor>& norm_weight, double norm_eps);
 std::vector<int64_t> q4_mma_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device, int64_t splits,
                                       int64_t variant);
 std::string q4_mma_variant_name_py(int64_t variant);

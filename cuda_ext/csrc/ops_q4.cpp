@@ -4,6 +4,7 @@
 #include "q4_gemm.cuh"
 #include "q4_dequant.cuh"
 #include "q4_mma.cuh"
+#include "dense_gemv.cuh"
 #include "launch.h"
 
 #include <ATen/cuda/CUDAEvent.h>
@@ -387,4 +388,53 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
         }
         if (two) done[b].record(main);
     }
+}
+
+void dense_gemv(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& residual,
+                torch::Tensor& out, const std::optional<torch::Tensor>& norm_weight, double norm_eps)
+{
+    EXL_CHECK_CUDA(weight);
+    EXL_CHECK_DTYPE(weight, torch::kFloat16);
+    EXL_CHECK(weight.dim() == 2 && weight.stride(1) == 1 && weight.stride(0) % 8 == 0,
+              "weight must be fp16 [N, K] with contiguous rows 16-byte aligned (got ", weight.sizes(), ")");
+    EXL_CHECK_ALIGNED(weight, 16);
+    const int64_t N = weight.size(0), K = weight.size(1);
+    EXL_CHECK_DTYPE(x, torch::kFloat16);
+    EXL_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "x must be contiguous [M, K=", K, "] (got ",
+              x.sizes(), ")");
+    EXL_CHECK_ALIGNED(x, 16);
+    EXL_CHECK(K % 8 == 0, "K=", K, " must be a multiple of 8");
+    const int64_t M = x.size(0);
+    EXL_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "dense_gemv takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
+    EXL_CHECK(out.scalar_type() == torch::kFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == M &&
+                  out.size(1) == N, "out must be contiguous fp16 [", M, ", ", N, "]");
+    for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &out})
+        EXL_CHECK(t->device() == weight.device(), "dense_gemv: every tensor must be on the weight's device");
+    Q4GemmArgs a{};
+    if (residual.has_value())
+    {
+        EXL_CHECK(residual->scalar_type() == torch::kFloat16 && residual->is_contiguous() && residual->numel() == M * N,
+                  "residual must be contiguous fp16 [", M, ", ", N, "]");
+        a.residual = reinterpret_cast<const half*>(residual->data_ptr<at::Half>());
+    }
+    if (norm_weight.has_value())
+    {
+        EXL_CHECK(norm_weight->scalar_type() == torch::kFloat32 && norm_weight->is_contiguous() &&
+                      norm_weight->numel() == K && norm_weight->device() == weight.device(),
+                  "norm_weight must be contiguous fp32 [K] on the weight's device");
+        a.norm_w = norm_weight->data_ptr<float>();
+    }
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const int device = weight.device().index();
+    EXL_CHECK((size_t)M * K * 4 <= (size_t)device_info(device).smem_optin, "dense_gemv: M * K = ", M * K,
+              " fp32 values do not fit in shared memory");
+    a.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+    a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+    a.norm_eps = (float)norm_eps;
+    a.M = (int)M;
+    a.K = (int)K;
+    a.N = (int)N;
+    C10_CUDA_CHECK(dense_gemv_launch(a, reinterpret_cast<const half*>(weight.data_ptr<at::Half>()), weight.stride(0),
+                                     pdl_auto(device), c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
