@@ -36,7 +36,8 @@ SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
 # many bytes, so the scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
 # EXLLAMA_PROMPT_OVERLAP=1 dequantizes on a side stream a slice ahead of the GEMMs into two half-size
 # buffers: slower on an H100 (the GEMMs leave it few SMs, docs/performance.md), kept for A/B runs.
-DEQUANT_SLICE_BYTES = 32 << 20
+# EXLLAMA_DEQUANT_SLICE_MB: the slice size for A/B runs (32 by default).
+DEQUANT_SLICE_BYTES = int(os.environ.get("EXLLAMA_DEQUANT_SLICE_MB", "32")) << 20
 
 
 def _ext():
