@@ -3,10 +3,13 @@
 // decode step: it streams W once at close to bandwidth, and unlike cuBLAS needs no workspace, so a
 // captured step holds no cuBLAS workspace of its own (32 MiB on an H100).
 //
-// A warp owns DG_ROWS rows of W; its lanes read them 16 bytes at a time, all of a row's loads in flight,
-// against x staged in shared memory (fp32, after the prologue); fp32 sums, one warp reduction a row.
+// A warp takes DG_ROWS rows of W at a time (grid-stride, so a block stages x once for many rows); its
+// lanes read them 16 bytes at a time, four loads a row in flight, against x staged in shared memory
+// (fp32, after the prologue); fp32 sums, one warp reduction a row.
 #include "dense_gemv.cuh"
 #include "q4_common.cuh"
+
+#include <algorithm>
 
 #define DG_THREADS 256
 #define DG_ROWS 2
@@ -22,7 +25,6 @@ dense_gemv_kernel(const Q4GemmArgs a, const half* __restrict__ w, int64_t ldw)
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int n0 = (blockIdx.x * (DG_THREADS / 32) + warp) * DG_ROWS;
     const int Kc = K >> 3;                              // 16-byte chunks a row
 
     pdl_wait();
@@ -43,6 +45,10 @@ dense_gemv_kernel(const Q4GemmArgs a, const half* __restrict__ w, int64_t ldw)
     }
     __syncthreads();
 
+    const int stride = gridDim.x * (DG_THREADS / 32) * DG_ROWS;
+    #pragma unroll 1
+    for (int n0 = (blockIdx.x * (DG_THREADS / 32) + warp) * DG_ROWS; n0 < N; n0 += stride)
+    {
     float acc[DG_ROWS][Q4_MAX_ROWS];
     #pragma unroll
     for (int r = 0; r < DG_ROWS; ++r)
@@ -106,15 +112,19 @@ dense_gemv_kernel(const Q4GemmArgs a, const half* __restrict__ w, int64_t ldw)
             }
         }
     }
+    }
 }
 
 }  // namespace
 
-cudaError_t dense_gemv_launch(const Q4GemmArgs& args, const half* weight, int64_t ldw, bool pdl, cudaStream_t stream)
+cudaError_t dense_gemv_launch(const Q4GemmArgs& args, const half* weight, int64_t ldw, int sm_count, bool pdl,
+                              cudaStream_t stream)
 {
     if (args.M < 1 || args.M > Q4_MAX_ROWS || (args.K & 7) || ldw % 8) return cudaErrorInvalidValue;
     const int rows_per_block = (DG_THREADS / 32) * DG_ROWS;
-    const unsigned blocks = (unsigned)((args.N + rows_per_block - 1) / rows_per_block);
+    // Up to four blocks a multiprocessor: more would mostly repeat the prologue.
+    const unsigned blocks = (unsigned)std::min<long long>((args.N + rows_per_block - 1) / rows_per_block,
+                                                          4LL * std::max(1, sm_count));
     const size_t smem = (size_t)args.M * args.K * sizeof(float);
     if (smem > 48 * 1024)
     {

@@ -5,4 +5,5 @@
 
 #include "q4_gemm.cuh"
 
-cudaError_t dense_gemv_launch(const Q4GemmArgs& args, const half* weight, int64_t ldw, bool pdl, cudaStream_t stream);
+cudaError_t dense_gemv_launch(const Q4GemmArgs& args, const half* weight, int64_t ldw, int sm_count, bool pdl,
+                              cudaStream_t stream);

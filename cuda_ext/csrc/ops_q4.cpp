@@ -435,6 +435,6 @@ void dense_gemv(const torch::Tensor& x, const torch::Tensor& weight, const std::
     a.K = (int)K;
     a.N = (int)N;
     C10_CUDA_CHECK(dense_gemv_launch(a, reinterpret_cast<const half*>(weight.data_ptr<at::Half>()), weight.stride(0),
-                                     pdl_auto(device), c10::cuda::getCurrentCUDAStream()));
+                                     device_info(device).sm_count, pdl_auto(device), c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
