@@ -5,6 +5,7 @@ what runs on CPUs. `Ops(use_kernels=False)` forces the references everywhere.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +145,12 @@ class Ops:
 
     def dense_gemv(self, x, weight, norm=None):
         """x [..., K] (rms_norm'd first with norm=(weight, eps)) @ weight [N, K]^T for a few fp16 rows on a GPU
-        by the extension's GEMV (the decode step's fp16 LM head); None where it does not apply."""
+        by the extension's GEMV (the decode step's fp16 LM head); None where it does not apply
+        (EXLLAMA_DENSE_GEMV=0: never, for A/B runs against cuBLAS)."""
         k = self.kernels_for(x)
         K = x.shape[-1]
         rows = x.numel() // max(K, 1)
-        if not (k and x.dtype == torch.float16 and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
+        if not (k and os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0" and x.dtype == torch.float16 and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
                 and weight.stride(-1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
                 and rows * K * 4 <= 96 * 1024 and weight.device == x.device):
             return None
