@@ -34,9 +34,8 @@ class GraphDecoder:
                               for d, _, _ in self.segs[1:]]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # One memory pool per device for all its graphs: steps never run concurrently and each replay
-        # writes its intermediates before reading them, so the buckets' graphs can share their scratch
-        # (8 buckets of a 7B model held 65 MB in private pools, docs/performance.md); outputs stay
-        # referenced here, so no later capture reuses them.
+        # writes its intermediates before reading them, so the buckets' graphs reuse one set of scratch
+        # blocks instead of reserving one each; outputs stay referenced here, so no capture reuses them.
         self.pools: dict[torch.device, tuple] = {}
 
     def _kv_len(self, pos: int) -> int:
