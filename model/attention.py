@@ -42,10 +42,10 @@ class Attention(nn.Module):
         k = k.reshape(B, T, self.n_kv, self.head_dim)
         v = v.reshape(B, T, self.n_kv, self.head_dim)
         if isinstance(start, StaticPos) and start.fused and T == 1 and cache is not None:
-            # Static decode step: rotary + KV write in one kernel, single-query attention over the cache.
+            # Static decode step: rotary, KV write and single-query attention over the cache in one kernel.
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            q = self.ops.rope_kv_write(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc)
-            o = self.ops.decode_attention(q, kc, vc, start.pos, start.kv_len, start.pad)
+            o = self.ops.rope_decode_attention(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc, start.kv_len,
+                                               start.pad)
             return self.o_proj(o.reshape(B, T, -1), lora, residual)
         if cache is not None and not isinstance(start, StaticPos):
             # Prompt with a cache: rotary of q and k and the cache write in one kernel on GPUs; attention

@@ -804,6 +804,50 @@ def test_model_ops_decode_step_matches_reference():
     assert rel_err(outs[0][0], outs[1][0]) < ELEM_TOL
 
 
+@pytest.mark.parametrize("B,H,Hkv,D,p,kv_len,splits", [(1, 32, 32, 128, 200, 256, 0), (2, 9, 3, 64, 0, 64, 0),
+                                                        (3, 8, 2, 128, 1500, 2048, 0), (2, 8, 1, 64, 77, 128, 5),
+                                                        (1, 4, 4, 128, 300, 512, 1)])
+def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
+    """decode_attention with its rotary prologue (one launch) == rope_kv_write then decode_attention: the
+    output within fp32 summation-order noise, the new key and value in the cache bit for bit, q untouched."""
+    from model.ops import Ops
+    S, P = max(kv_len, 64), 4096
+    cos, sin = rope_tables(P, D)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV).half()
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    pos = torch.tensor([p], device=DEV)
+    pad = torch.arange(B, device=DEV) * 3 if B > 1 else None
+    rope_pos = pos.view(1, 1).expand(B, 1)
+    if pad is not None:
+        rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
+    outs = []
+    for one_launch in (True, False):
+        t = qkv.clone()
+        q = t[..., :H * D].view(B, 1, H, D)
+        k = t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
+        v = t[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+        kcc, vcc = kc.clone(), vc.clone()
+        if one_launch:
+            q0 = q.clone()
+            o = ops.decode_attention(q, kcc, vcc, pos, kv_len, pad, splits=splits, rope=(k, v, cos, sin, rope_pos))
+            assert torch.equal(q, q0)
+        else:
+            q = ops.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)
+            o = ops.decode_attention(q, kcc, vcc, pos, kv_len, pad, splits=splits)
+        outs.append((o.float(), kcc, vcc))
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    assert rel_err(outs[0][0], outs[1][0]) < 1e-3
+    # and through Ops, as the model calls it
+    gpu = Ops(True, fused_decode=True)
+    t = qkv.clone()
+    q, k, v = (t[..., :H * D].view(B, 1, H, D), t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D),
+               t[..., (H + Hkv) * D:].view(B, 1, Hkv, D))
+    kcc, vcc = kc.clone(), vc.clone()
+    o = gpu.rope_decode_attention(q, k, v, cos, sin, rope_pos, pos, kcc, vcc, kv_len, pad)
+    assert rel_err(o, outs[1][0]) < 1e-3 and torch.equal(kcc, outs[1][1])
+
+
 # ---- embed_gather ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("V,D", [(32000, 4096), (517, 576), (100, 8)])

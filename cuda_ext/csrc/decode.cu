@@ -109,10 +109,10 @@ __device__ __forceinline__ uint4 ld_stream(const half* p)
 
 template <int D, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
-decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const half* __restrict__ kc,
-                   const half* __restrict__ vc, int S, int Hkv, const int64_t* __restrict__ pos,
-                   const int64_t* __restrict__ pad, int kv_len, int chunk, float scale_log2,
-                   half* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters)
+decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* kc, half* vc, int S, int Hkv,
+                   const int64_t* __restrict__ pos, const int64_t* __restrict__ pad, int kv_len, int chunk,
+                   float scale_log2, half* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
+                   const AttnRope rope)
 {
     constexpr int L = D / 8;
     constexpr int KPW = 32 / L;
@@ -144,12 +144,66 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
     const int e1 = min(split * chunk + chunk, hi);
     const int n = e1 - e0;
 
+    // Rotary prologue (rope.k): cos / sin of this lane's 8 dims (rotate-half pairs dims i and i + D / 2,
+    // which sit L / 2 lanes apart), and the new token's rotated k and v, in the cache and in shared
+    // memory for the block that reads key p (the cache loads below bypass L1 and may not see own stores).
+    __shared__ __align__(16) half knew[D], vnew[D];
+    const bool fused_rope = rope.k != nullptr;
+    const bool has_new = fused_rope && split == p / chunk;
+    float rc[8], rs[8];
+    bool rot = false;
+    if (fused_rope)
+    {
+        const long long rp = rope.positions[b * rope.psb];
+        rot = rp >= 0 && rp < rope.max_pos;
+        const int d = D / 2;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e)
+        {
+            const int i = (li * 8 + e) % d;
+            rc[e] = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
+            rs[e] = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
+        }
+        if (has_new)
+        {
+            const half* ks = rope.k + b * rope.ksb + kvh * rope.ksh;
+            const half* vs = rope.v + b * rope.vsb + kvh * rope.vsh;
+            half* kd = kc + (((size_t)b * Hkv + kvh) * S + p) * D;
+            half* vd = vc + (((size_t)b * Hkv + kvh) * S + p) * D;
+            for (int i = tid; i < d; i += ATT_THREADS)
+            {
+                const float x1 = __half2float(ks[i]);
+                const float x2 = __half2float(ks[i + d]);
+                const float c = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
+                const float sn = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
+                const half y1 = rot ? __float2half_rn(x1 * c - x2 * sn) : ks[i];
+                const half y2 = rot ? __float2half_rn(x2 * c + x1 * sn) : ks[i + d];
+                knew[i] = kd[i] = y1;
+                knew[i + d] = kd[i + d] = y2;
+            }
+            for (int i = tid; i < D; i += ATT_THREADS) vnew[i] = vd[i] = vs[i];
+            __syncthreads();
+        }
+    }
+
     float qr[G][8];
     #pragma unroll
     for (int g = 0; g < G; ++g)
     {
         const half* qp = q + b * qsb + (int64_t)(kvh * G + g) * qsh + li * 8;
         h8_to_f(*reinterpret_cast<const uint4*>(qp), qr[g]);
+        if (fused_rope && rot)
+        {
+            // as rope_kv_write stores q: fp32 rotation, one fp16 rounding
+            const bool first = li < L / 2;
+            #pragma unroll
+            for (int e = 0; e < 8; ++e)
+            {
+                const float other = __shfl_xor_sync(0xffffffffu, qr[g][e], L / 2);
+                const float y = first ? qr[g][e] * rc[e] - other * rs[e] : qr[g][e] * rc[e] + other * rs[e];
+                qr[g][e] = __half2float(__float2half_rn(y));
+            }
+        }
         #pragma unroll
         for (int e = 0; e < 8; ++e) qr[g][e] *= scale_log2;
     }
@@ -167,7 +221,9 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = j < e1 ? ld_stream(kb + (size_t)j * D) : make_uint4(0, 0, 0, 0);
+            raw[u] = j < e1 ? ((has_new && j == p) ? *reinterpret_cast<const uint4*>(knew + li * 8)
+                                                   : ld_stream(kb + (size_t)j * D))
+                            : make_uint4(0, 0, 0, 0);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -227,7 +283,9 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = j < e1 ? ld_stream(vb + (size_t)j * D) : make_uint4(0, 0, 0, 0);
+            raw[u] = j < e1 ? ((has_new && j == p) ? *reinterpret_cast<const uint4*>(vnew + li * 8)
+                                                   : ld_stream(vb + (size_t)j * D))
+                            : make_uint4(0, 0, 0, 0);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -333,9 +391,10 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, const h
 }
 
 template <int D, int G>
-cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh, const half* kc,
-                        const half* vc, int S, const int64_t* pos, const int64_t* pad, int B, int Hkv,
-                        int kv_len, half* out, float* ws, int* counters, bool pdl, cudaStream_t stream)
+cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh, half* kc,
+                        half* vc, int S, const int64_t* pos, const int64_t* pad, int B, int Hkv,
+                        int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, bool pdl,
+                        cudaStream_t stream)
 {
     auto kernel = decode_attn_kernel<D, G>;
     if (plan.smem > 48 * 1024)
@@ -345,18 +404,20 @@ cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, 
     }
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
     return launch_kernel(kernel, dim3(B * Hkv, plan.splits), dim3(ATT_THREADS), plan.smem, stream, pdl, q, qsb, qsh,
-                         kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters);
+                         kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters, rope);
 }
 
 template <int D>
 cudaError_t launch_attn_g(int G, const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
-                          const half* kc, const half* vc, int S, const int64_t* pos, const int64_t* pad, int B,
-                          int Hkv, int kv_len, half* out, float* ws, int* counters, bool pdl, cudaStream_t stream)
+                          half* kc, half* vc, int S, const int64_t* pos, const int64_t* pad, int B,
+                          int Hkv, int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, bool pdl,
+                          cudaStream_t stream)
 {
     switch (G)
     {
 #define ATT_CASE(g) \
-        case g: return launch_attn<D, g>(plan, q, qsb, qsh, kc, vc, S, pos, pad, B, Hkv, kv_len, out, ws, counters, pdl, stream);
+        case g: return launch_attn<D, g>(plan, q, qsb, qsh, kc, vc, S, pos, pad, B, Hkv, kv_len, out, ws, counters, \
+                                         rope, pdl, stream);
         ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
 #undef ATT_CASE
         default: return cudaErrorInvalidValue;
@@ -393,16 +454,17 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
 }
 
 cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
-                                    const half* k_cache, const half* v_cache, int S, const int64_t* pos,
+                                    half* k_cache, half* v_cache, int S, const int64_t* pos,
                                     const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
-                                    float* workspace, int* counters, bool pdl, cudaStream_t stream)
+                                    float* workspace, int* counters, const AttnRope& rope, bool pdl,
+                                    cudaStream_t stream)
 {
     if (plan.splits <= 0) return cudaErrorInvalidValue;
     if (D == 64)
         return attn::launch_attn_g<64>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
-                                       workspace, counters, pdl, stream);
+                                       workspace, counters, rope, pdl, stream);
     if (D == 128)
         return attn::launch_attn_g<128>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
-                                        workspace, counters, pdl, stream);
+                                        workspace, counters, rope, pdl, stream);
     return cudaErrorInvalidValue;
 }

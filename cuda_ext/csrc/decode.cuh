@@ -52,7 +52,26 @@ struct DecodeAttnPlan
 // splits <= 0: automatic (about two blocks per multiprocessor). splits == 0 in the result: unsupported.
 DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, int sm_count, int splits);
 
+// Optional rotary prologue of decode_attention (k == nullptr: off; q is then already rotated and the
+// new token's k and v already in the cache). On: q is the unrotated query, k / v [B, 1, Hkv, D] the new
+// token's key and value (element strides per batch and head); every block rotates its q heads at
+// positions[b] (int64, stride psb; outside [0, max_pos): unrotated), and the block whose key range holds
+// pos[0] rotates k and stores k and v in the cache at pos[0] - rope_kv_write and attention in one launch.
+struct AttnRope
+{
+    const half* k;
+    int64_t ksb, ksh;
+    const half* v;
+    int64_t vsb, vsh;
+    const float* cos;
+    const float* sin;
+    int max_pos;
+    const int64_t* positions;
+    int64_t psb;
+};
+
 cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
-                                    const half* k_cache, const half* v_cache, int S, const int64_t* pos,
+                                    half* k_cache, half* v_cache, int S, const int64_t* pos,
                                     const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
-                                    float* workspace, int* counters, bool pdl, cudaStream_t stream);
+                                    float* workspace, int* counters, const AttnRope& rope, bool pdl,
+                                    cudaStream_t stream);

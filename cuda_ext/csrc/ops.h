@@ -41,9 +41,11 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
 void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
                    const torch::Tensor& sin, const torch::Tensor& positions, const torch::Tensor& slot,
                    torch::Tensor& k_cache, torch::Tensor& v_cache);
-void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Tensor& v_cache,
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
-                      torch::Tensor& out, int64_t splits);
+                      torch::Tensor& out, int64_t splits, const std::optional<torch::Tensor>& k,
+                      const std::optional<torch::Tensor>& v, const std::optional<torch::Tensor>& cos,
+                      const std::optional<torch::Tensor>& sin, const std::optional<torch::Tensor>& positions);
 std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t kv_len,
                                            int64_t device, int64_t splits);
 

@@ -130,9 +130,11 @@ std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, in
     return {p.splits, p.chunk, (int64_t)p.smem};
 }
 
-void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Tensor& v_cache,
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
-                      torch::Tensor& out, int64_t splits)
+                      torch::Tensor& out, int64_t splits, const std::optional<torch::Tensor>& k,
+                      const std::optional<torch::Tensor>& v, const std::optional<torch::Tensor>& cos,
+                      const std::optional<torch::Tensor>& sin, const std::optional<torch::Tensor>& positions)
 {
     EXL_CHECK(q.dim() == 4, "q must be [B, 1, H, D] (got shape ", q.sizes(), ")");
     EXL_CHECK(k_cache.dim() == 4, "k_cache must be [B, Hkv, S, D] (got shape ", k_cache.sizes(), ")");
@@ -162,6 +164,35 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
     EXL_CHECK(out.numel() == B * H * D, "out must hold B*H*D=", B * H * D, " elements (got ", out.sizes(), ")");
     for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&k_cache, &v_cache, &pos, &out})
         EXL_CHECK(t->device() == q.device(), "decode_attention: every tensor must be on q's device");
+    AttnRope rope{};
+    if (k.has_value())
+    {
+        // rotary prologue: the new token's k, v and the tables; q is then unrotated
+        EXL_CHECK(v.has_value() && cos.has_value() && sin.has_value() && positions.has_value(),
+                  "decode_attention: k needs v, cos, sin and positions too");
+        check_head_view(*k, "k", B, 1, Hkv, D);
+        check_head_view(*v, "v", B, 1, Hkv, D);
+        EXL_CHECK_DTYPE((*cos), torch::kFloat32);
+        EXL_CHECK_DTYPE((*sin), torch::kFloat32);
+        EXL_CHECK(cos->dim() == 2 && cos->size(1) == D / 2 && cos->is_contiguous() && sin->sizes() == cos->sizes() &&
+                      sin->is_contiguous(), "cos and sin must be contiguous fp32 [P, D/2]");
+        EXL_CHECK_DTYPE((*positions), torch::kInt64);
+        EXL_CHECK(positions->dim() == 2 && positions->size(0) == B && positions->size(1) == 1,
+                  "positions must have shape [", B, ", 1] (got ", positions->sizes(), ")");
+        for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&*k, &*v, &*cos, &*sin, &*positions})
+            EXL_CHECK(t->device() == q.device(), "decode_attention: every tensor must be on q's device");
+        rope.k = reinterpret_cast<const half*>(k->data_ptr<at::Half>());
+        rope.ksb = k->stride(0);
+        rope.ksh = k->stride(2);
+        rope.v = reinterpret_cast<const half*>(v->data_ptr<at::Half>());
+        rope.vsb = v->stride(0);
+        rope.vsh = v->stride(2);
+        rope.cos = cos->data_ptr<float>();
+        rope.sin = sin->data_ptr<float>();
+        rope.max_pos = (int)cos->size(0);
+        rope.positions = positions->data_ptr<int64_t>();
+        rope.psb = positions->stride(0);
+    }
 
     const c10::cuda::CUDAGuard guard(q.device());
     const int device = q.device().index();
@@ -180,9 +211,9 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, cons
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     C10_CUDA_CHECK(decode_attention_launch(
         plan, reinterpret_cast<const half*>(q.data_ptr<at::Half>()), q.stride(0), q.stride(2),
-        reinterpret_cast<const half*>(k_cache.data_ptr<at::Half>()),
-        reinterpret_cast<const half*>(v_cache.data_ptr<at::Half>()), (int)S, pos.data_ptr<int64_t>(),
-        pad.has_value() ? pad->data_ptr<int64_t>() : nullptr, (int)B, (int)Hkv, (int)(H / Hkv), (int)D, (int)kv_len,
-        reinterpret_cast<half*>(out.data_ptr<at::Half>()), ws, counters, pdl_auto(device), stream));
+        reinterpret_cast<half*>(k_cache.data_ptr<at::Half>()), reinterpret_cast<half*>(v_cache.data_ptr<at::Half>()),
+        (int)S, pos.data_ptr<int64_t>(), pad.has_value() ? pad->data_ptr<int64_t>() : nullptr, (int)B, (int)Hkv,
+        (int)(H / Hkv), (int)D, (int)kv_len, reinterpret_cast<half*>(out.data_ptr<at::Half>()), ws, counters, rope,
+        pdl_auto(device), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
