@@ -264,15 +264,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Single-query attention: q [B, 1, H, D] over cache keys j < kv_len with pad[b] <= j <= pos[0]
     (GQA: query head h reads kv head h // (H / Hkv)); softmax in fp32. Returns [B, 1, H, D] fp16.
 
-    rope = (k, v, cos, sin, positions): first do rope_kv_write's work in the same launch (q unrotated;
-    k / v [B, 1, Hkv, D] the new token's, stored at pos[0]; positions [B, 1] int64). q is not modified."""
+    rope = (k, v, cos, sin): first do rope_kv_write's work in the same launch at rotary position
+    pos[0] - pad[b] (clamped at 0), the model's (q unrotated; k / v [B, 1, Hkv, D] the new token's, stored
+    at pos[0]). q is not modified."""
     B, _, H, D = q.shape
     if out is None:
         out = torch.empty((B, 1, H, D), dtype=torch.float16, device=q.device)
-    k, v, cos, sin, positions = rope if rope is not None else (None,) * 5
-    if positions is not None and positions.dim() == 1:
-        positions = positions.view(-1, 1)
-    _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits), k, v, cos, sin, positions)
+    k, v, cos, sin = rope if rope is not None else (None,) * 4
+    _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits), k, v, cos, sin)
     return out
 
 

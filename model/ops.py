@@ -137,11 +137,12 @@ class Ops:
         return rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=self.rotary)
 
     def rope_decode_attention(self, q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache, kv_len, pad=None):
-        """rope_kv_write then decode_attention (T = 1), in one kernel where it runs: [B, 1, H, D]."""
+        """rope_kv_write then decode_attention (T = 1), in one kernel where it runs: [B, 1, H, D].
+        rope_pos must be the model's (pos - pad, clamped at 0): the kernel derives it."""
         kern = self.kernels_for(q)
-        if (kern and self.fused_decode and kern.decode_attention_supported(q, k_cache) and rope_pos.dtype == torch.int64
-                and q.shape[-1] % 4 == 0 and os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "1") != "0"):
-            return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin, rope_pos))
+        if (kern and self.fused_decode and kern.decode_attention_supported(q, k_cache) and q.shape[-1] % 4 == 0
+                and os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "1") != "0"):
+            return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin))
         q = self.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache)
         return self.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
 

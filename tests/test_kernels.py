@@ -830,7 +830,7 @@ def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
         kcc, vcc = kc.clone(), vc.clone()
         if one_launch:
             q0 = q.clone()
-            o = ops.decode_attention(q, kcc, vcc, pos, kv_len, pad, splits=splits, rope=(k, v, cos, sin, rope_pos))
+            o = ops.decode_attention(q, kcc, vcc, pos, kv_len, pad, splits=splits, rope=(k, v, cos, sin))
             assert torch.equal(q, q0)
         else:
             q = ops.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)

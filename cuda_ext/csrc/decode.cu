@@ -154,7 +154,8 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     bool rot = false;
     if (fused_rope)
     {
-        const long long rp = rope.positions[b * rope.psb];
+        // the model's rotary position of the new token: p - pad[b] (clamped at 0), no extra load to wait on
+        const long long rp = max(p - lo, 0);
         rot = rp >= 0 && rp < rope.max_pos;
         const int d = D / 2;
         #pragma unroll

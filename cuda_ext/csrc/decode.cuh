@@ -54,9 +54,10 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
 
 // Optional rotary prologue of decode_attention (k == nullptr: off; q is then already rotated and the
 // new token's k and v already in the cache). On: q is the unrotated query, k / v [B, 1, Hkv, D] the new
-// token's key and value (element strides per batch and head); every block rotates its q heads at
-// positions[b] (int64, stride psb; outside [0, max_pos): unrotated), and the block whose key range holds
-// pos[0] rotates k and stores k and v in the cache at pos[0] - rope_kv_write and attention in one launch.
+// token's key and value (element strides per batch and head); every block rotates its q heads at the
+// rotary position pos[0] - pad[b] (clamped at 0; at or past max_pos: unrotated), and the block whose key
+// range holds pos[0] rotates k and stores k and v in the cache at pos[0] - rope_kv_write and attention in
+// one launch.
 struct AttnRope
 {
     const half* k;
@@ -66,8 +67,6 @@ struct AttnRope
     const float* cos;
     const float* sin;
     int max_pos;
-    const int64_t* positions;
-    int64_t psb;
 };
 
 cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,

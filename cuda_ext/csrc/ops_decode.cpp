@@ -134,7 +134,7 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
                       torch::Tensor& out, int64_t splits, const std::optional<torch::Tensor>& k,
                       const std::optional<torch::Tensor>& v, const std::optional<torch::Tensor>& cos,
-                      const std::optional<torch::Tensor>& sin, const std::optional<torch::Tensor>& positions)
+                      const std::optional<torch::Tensor>& sin)
 {
     EXL_CHECK(q.dim() == 4, "q must be [B, 1, H, D] (got shape ", q.sizes(), ")");
     EXL_CHECK(k_cache.dim() == 4, "k_cache must be [B, Hkv, S, D] (got shape ", k_cache.sizes(), ")");
@@ -168,18 +168,14 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
     if (k.has_value())
     {
         // rotary prologue: the new token's k, v and the tables; q is then unrotated
-        EXL_CHECK(v.has_value() && cos.has_value() && sin.has_value() && positions.has_value(),
-                  "decode_attention: k needs v, cos, sin and positions too");
+        EXL_CHECK(v.has_value() && cos.has_value() && sin.has_value(), "decode_attention: k needs v, cos and sin too");
         check_head_view(*k, "k", B, 1, Hkv, D);
         check_head_view(*v, "v", B, 1, Hkv, D);
         EXL_CHECK_DTYPE((*cos), torch::kFloat32);
         EXL_CHECK_DTYPE((*sin), torch::kFloat32);
         EXL_CHECK(cos->dim() == 2 && cos->size(1) == D / 2 && cos->is_contiguous() && sin->sizes() == cos->sizes() &&
                       sin->is_contiguous(), "cos and sin must be contiguous fp32 [P, D/2]");
-        EXL_CHECK_DTYPE((*positions), torch::kInt64);
-        EXL_CHECK(positions->dim() == 2 && positions->size(0) == B && positions->size(1) == 1,
-                  "positions must have shape [", B, ", 1] (got ", positions->sizes(), ")");
-        for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&*k, &*v, &*cos, &*sin, &*positions})
+        for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&*k, &*v, &*cos, &*sin})
             EXL_CHECK(t->device() == q.device(), "decode_attention: every tensor must be on q's device");
         rope.k = reinterpret_cast<const half*>(k->data_ptr<at::Half>());
         rope.ksb = k->stride(0);
@@ -190,8 +186,6 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
         rope.cos = cos->data_ptr<float>();
         rope.sin = sin->data_ptr<float>();
         rope.max_pos = (int)cos->size(0);
-        rope.positions = positions->data_ptr<int64_t>();
-        rope.psb = positions->stride(0);
     }
 
     const c10::cuda::CUDAGuard guard(q.device());
