@@ -80,10 +80,13 @@ class Ops:
     rotary + index_copy_ + SDPA with a mask; fused_gemv: rms_norm (before q|k|v, gate|up, lm_head) and
     silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels."""
 
-    def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False):
+    def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
+                 rope_in_attention: bool = True):
         self._ext = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
+        # decode: rope_kv_write's work inside the attention kernel (one launch less a layer)
+        self.rope_in_attention = rope_in_attention
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""
@@ -140,8 +143,8 @@ class Ops:
         """rope_kv_write then decode_attention (T = 1), in one kernel where it runs: [B, 1, H, D].
         rope_pos must be the model's (pos - pad, clamped at 0): the kernel derives it."""
         kern = self.kernels_for(q)
-        if (kern and self.fused_decode and kern.decode_attention_supported(q, k_cache) and q.shape[-1] % 4 == 0
-                and os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "1") != "0"):
+        if (kern and self.fused_decode and self.rope_in_attention and kern.decode_attention_supported(q, k_cache)
+                and q.shape[-1] % 4 == 0):
             return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin))
         q = self.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache)
         return self.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
@@ -160,7 +163,8 @@ class Ops:
         k = self.kernels_for(x)
         K = x.shape[-1]
         rows = x.numel() // max(K, 1)
-        if not (k and os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0" and x.dtype == torch.float16 and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
+        if not (k and os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0" and x.dtype == torch.float16
+                and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
                 and weight.stride(-1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
                 and rows * K * 4 <= 96 * 1024 and weight.device == x.device):
             return None
