@@ -56,3 +56,17 @@ inline std::string cat(const A&... a)
 #define EXL_CHECK_ALIGNED(t, bytes) \
     EXL_CHECK((reinterpret_cast<uintptr_t>((t).data_ptr()) % (bytes)) == 0, #t " must be ", bytes, \
               "-byte aligned (storage offset ", (t).storage_offset(), ")")
+
+// Rotary tables as the kernels take them: contiguous fp32 cos and sin [P, D / 2] on `device`.
+inline void check_rope_tables(const torch::Tensor& cos, const torch::Tensor& sin, int64_t D, const c10::Device& device)
+{
+    EXL_CHECK_DTYPE(cos, torch::kFloat32);
+    EXL_CHECK_DTYPE(sin, torch::kFloat32);
+    EXL_CHECK_DIM(cos, 2);
+    EXL_CHECK_CONTIG(cos);
+    EXL_CHECK_CONTIG(sin);
+    EXL_CHECK_SIZE(cos, 1, D / 2);
+    EXL_CHECK(sin.sizes() == cos.sizes(), "sin must have the shape of cos ", cos.sizes(), " (got ", sin.sizes(), ")");
+    EXL_CHECK(cos.device() == device && sin.device() == device, "cos and sin must be on ", device, " (got ",
+              cos.device(), ", ", sin.device(), ")");
+}

@@ -107,6 +107,16 @@ __device__ __forceinline__ uint4 ld_stream(const half* p)
     return r;
 }
 
+// A lane's 16 bytes of key (or value) row j: zeros past e1; row `fresh` (the new token, >= 0 only in the
+// block that wrote it) from shared memory, the rest streamed from the cache.
+__device__ __forceinline__ uint4 key_row(const half* base, const half* fresh_row, int j, int e1, int fresh, int li,
+                                         int D)
+{
+    if (j >= e1) return make_uint4(0, 0, 0, 0);
+    if (j == fresh) return *reinterpret_cast<const uint4*>(fresh_row + li * 8);
+    return ld_stream(base + (size_t)j * D);
+}
+
 template <int D, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
 decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* kc, half* vc, int S, int Hkv,
@@ -222,9 +232,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = j < e1 ? ((has_new && j == p) ? *reinterpret_cast<const uint4*>(knew + li * 8)
-                                                   : ld_stream(kb + (size_t)j * D))
-                            : make_uint4(0, 0, 0, 0);
+            raw[u] = key_row(kb, knew, j, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -284,9 +292,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = j < e1 ? ((has_new && j == p) ? *reinterpret_cast<const uint4*>(vnew + li * 8)
-                                                   : ld_stream(vb + (size_t)j * D))
-                            : make_uint4(0, 0, 0, 0);
+            raw[u] = key_row(vb, vnew, j, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)

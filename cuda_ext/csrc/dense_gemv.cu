@@ -105,11 +105,7 @@ dense_gemv_kernel(const Q4GemmArgs a, const half* __restrict__ w, int64_t ldw)
         {
             if (m >= M) break;
             const float v = warp_sum(acc[r][m]);
-            if (lane == 0 && n < N)
-            {
-                const float res = a.residual ? __half2float(a.residual[(size_t)m * N + n]) : 0.f;
-                a.out[(size_t)m * N + n] = __float2half_rn(v + res);
-            }
+            if (lane == 0 && n < N) q4k::store_out(a, m, n, v);     // a.bias is null
         }
     }
     }

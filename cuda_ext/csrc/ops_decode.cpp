@@ -82,20 +82,14 @@ void rope_kv_write(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor
     check_cache(k_cache, "k_cache", B, Hkv, D);
     check_cache(v_cache, "v_cache", B, Hkv, D);
     EXL_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache");
-    EXL_CHECK_DTYPE(cos, torch::kFloat32);
-    EXL_CHECK_DTYPE(sin, torch::kFloat32);
-    EXL_CHECK_DIM(cos, 2);
-    EXL_CHECK_CONTIG(cos);
-    EXL_CHECK_CONTIG(sin);
-    EXL_CHECK_SIZE(cos, 1, D / 2);
-    EXL_CHECK(sin.sizes() == cos.sizes(), "sin must have the shape of cos");
+    check_rope_tables(cos, sin, D, q.device());
     EXL_CHECK(positions.scalar_type() == torch::kInt32 || positions.scalar_type() == torch::kInt64,
               "positions must be int32 or int64 (got ", positions.scalar_type(), ")");
     EXL_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T,
               "positions must have shape [", B, ", ", T, "] (got ", positions.sizes(), ")");
     EXL_CHECK_DTYPE(slot, torch::kInt64);
     EXL_CHECK(slot.numel() >= 1, "slot must hold the cache position");
-    for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&k, &v, &cos, &sin, &positions, &slot, &k_cache, &v_cache})
+    for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&k, &v, &positions, &slot, &k_cache, &v_cache})
         EXL_CHECK(t->device() == q.device(), "rope_kv_write: every tensor must be on q's device");
 
     const c10::cuda::CUDAGuard guard(q.device());
@@ -171,11 +165,8 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
         EXL_CHECK(v.has_value() && cos.has_value() && sin.has_value(), "decode_attention: k needs v, cos and sin too");
         check_head_view(*k, "k", B, 1, Hkv, D);
         check_head_view(*v, "v", B, 1, Hkv, D);
-        EXL_CHECK_DTYPE((*cos), torch::kFloat32);
-        EXL_CHECK_DTYPE((*sin), torch::kFloat32);
-        EXL_CHECK(cos->dim() == 2 && cos->size(1) == D / 2 && cos->is_contiguous() && sin->sizes() == cos->sizes() &&
-                      sin->is_contiguous(), "cos and sin must be contiguous fp32 [P, D/2]");
-        for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&*k, &*v, &*cos, &*sin})
+        check_rope_tables(*cos, *sin, D, q.device());
+        for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&*k, &*v})
             EXL_CHECK(t->device() == q.device(), "decode_attention: every tensor must be on q's device");
         rope.k = reinterpret_cast<const half*>(k->data_ptr<at::Half>());
         rope.ksb = k->stride(0);

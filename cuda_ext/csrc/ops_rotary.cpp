@@ -16,15 +16,7 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
     EXL_CHECK(x.stride(3) == 1, "x [B, T, H, Dh] must be contiguous in Dh (strides ", x.strides(), ")");
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), Dh = x.size(3);
     EXL_CHECK(Dh % 2 == 0, "head dim Dh=", Dh, " must be even");
-    EXL_CHECK_DTYPE(cos, torch::kFloat32);
-    EXL_CHECK_DTYPE(sin, torch::kFloat32);
-    EXL_CHECK_DIM(cos, 2);
-    EXL_CHECK_CONTIG(cos);
-    EXL_CHECK_CONTIG(sin);
-    EXL_CHECK_SIZE(cos, 1, Dh / 2);
-    EXL_CHECK(sin.sizes() == cos.sizes(), "sin must have the shape of cos ", cos.sizes(), " (got ", sin.sizes(), ")");
-    EXL_CHECK_SAME_DEVICE(x, cos);
-    EXL_CHECK_SAME_DEVICE(x, sin);
+    check_rope_tables(cos, sin, Dh, x.device());
     EXL_CHECK(positions.scalar_type() == torch::kInt32 || positions.scalar_type() == torch::kInt64,
                 "positions must be int32 or int64 (got ", positions.scalar_type(), ")");
     EXL_CHECK_DIM(positions, 2);

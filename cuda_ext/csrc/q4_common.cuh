@@ -111,6 +111,14 @@ __device__ __forceinline__ void load_x8(const Q4GemmArgs& a, int m, int k0, int 
     }
 }
 
+// out[m, nn] = v + bias + residual, rounded to fp16 once.
+__device__ __forceinline__ void store_out(const Q4GemmArgs& a, int m, int nn, float v)
+{
+    if (a.bias) v += __half2float(a.bias[nn]);
+    if (a.residual) v += __half2float(a.residual[(size_t)m * a.N + nn]);
+    a.out[(size_t)m * a.N + nn] = __float2half_rn(v);
+}
+
 // Block epilogue: red [nwarps][M][tn] holds each warp's partial sums for the block's tn columns
 // (tile `tile`). Sums the warps in order; one split: + bias + residual -> out. Split-K: partials to
 // the fp32 workspace, and the last block of the column tile sums the splits in split order
@@ -129,15 +137,9 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];
         if (splits == 1)
-        {
-            if (a.bias) v += __half2float(a.bias[nn]);
-            if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
-            a.out[(size_t)m * N + nn] = __float2half_rn(v);
-        }
+            store_out(a, m, nn, v);
         else
-        {
             a.workspace[((size_t)split * M + m) * N + nn] = v;
-        }
     }
     if (splits == 1) return;
 
@@ -160,9 +162,7 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
         if (nn >= N) continue;
         float v = 0.f;
         for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
-        if (a.bias) v += __half2float(a.bias[nn]);
-        if (a.residual) v += __half2float(a.residual[(size_t)m * N + nn]);
-        a.out[(size_t)m * N + nn] = __float2half_rn(v);
+        store_out(a, m, nn, v);
     }
     if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
 }
