@@ -652,15 +652,20 @@ def test_dense_gemv_strided_weight_rows_and_graph():
 
 # ---- decode step: rope_kv_write, decode_attention -------------------------------------------
 
+def split_qkv(t, H, Hkv, D):
+    """q [B, T, H, D], k and v [B, T, Hkv, D]: strided views of a fused q|k|v output t [B, T, (H + 2 Hkv) D]."""
+    B, T = t.shape[:2]
+    return (t[..., :H * D].view(B, T, H, D), t[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D),
+            t[..., (H + Hkv) * D:].view(B, T, Hkv, D))
+
+
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 32, 32, 128), (2, 9, 3, 64), (3, 8, 2, 128)])
 @pytest.mark.parametrize("pdtype", [torch.int32, torch.int64])
 def test_rope_kv_write(B, H, Hkv, D, pdtype):
     S, P = 64, 512
     cos, sin = rope_tables(P, D)
     qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device=DEV).half()
-    q = qkv[..., :H * D].view(B, 1, H, D)
-    k = qkv[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
-    v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+    q, k, v = split_qkv(qkv, H, Hkv, D)
     pos = torch.randint(0, P, (B, 1), device=DEV, dtype=pdtype)
     slot = torch.tensor([37], device=DEV)
     kc = torch.randn(B, Hkv, S, D, device=DEV).half()
@@ -689,9 +694,7 @@ def test_rope_kv_write_prompt(B, T, H, Hkv, D, start):
     S, P = max(64, start + T), 4096
     cos, sin = rope_tables(P, D)
     qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=DEV).half()
-    q = qkv[..., :H * D].view(B, T, H, D)
-    k = qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
-    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+    q, k, v = split_qkv(qkv, H, Hkv, D)
     pos = (torch.arange(T, device=DEV) + start + torch.randint(0, 9, (B, 1), device=DEV)).clamp(max=P - 1)
     S = min(S, start + T - (2 if T > 4 else 0))       # the last tokens fall past a short cache
     kc = torch.randn(B, Hkv, S, D, device=DEV).half()
@@ -788,9 +791,7 @@ def test_model_ops_decode_step_matches_reference():
     outs = []
     for fused in (True, False):
         t = qkv.clone()
-        q = t[..., :H * D].view(B, 1, H, D)
-        k = t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
-        v = t[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+        q, k, v = split_qkv(t, H, Hkv, D)
         kcc, vcc = kc.clone(), vc.clone()
         if fused:
             q = gpu.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)
@@ -824,9 +825,7 @@ def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
     outs = []
     for one_launch in (True, False):
         t = qkv.clone()
-        q = t[..., :H * D].view(B, 1, H, D)
-        k = t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D)
-        v = t[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+        q, k, v = split_qkv(t, H, Hkv, D)
         kcc, vcc = kc.clone(), vc.clone()
         if one_launch:
             q0 = q.clone()
@@ -841,8 +840,7 @@ def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
     # and through Ops, as the model calls it
     gpu = Ops(True, fused_decode=True)
     t = qkv.clone()
-    q, k, v = (t[..., :H * D].view(B, 1, H, D), t[..., H * D:(H + Hkv) * D].view(B, 1, Hkv, D),
-               t[..., (H + Hkv) * D:].view(B, 1, Hkv, D))
+    q, k, v = split_qkv(t, H, Hkv, D)
     kcc, vcc = kc.clone(), vc.clone()
     o = gpu.rope_decode_attention(q, k, v, cos, sin, rope_pos, pos, kcc, vcc, kv_len, pad)
     assert rel_err(o, outs[1][0]) < 1e-3 and torch.equal(kcc, outs[1][1])

@@ -128,19 +128,22 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
 {
     const int tid = threadIdx.x;
     const int N = a.N;
-    for (int item = tid; item < M * tn; item += blockDim.x)
-    {
-        const int m = item / tn;
-        const int col = item - m * tn;
-        const int nn = tile * tn + col;
-        if (nn >= N) continue;
+    auto each_column = [&](auto&& fn) {       // (row m, column col of the tile, global column nn) inside N
+        for (int item = tid; item < M * tn; item += blockDim.x)
+        {
+            const int m = item / tn;
+            const int col = item - m * tn;
+            if (tile * tn + col < N) fn(m, col, tile * tn + col);
+        }
+    };
+    each_column([&](int m, int col, int nn) {
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];
         if (splits == 1)
             store_out(a, m, nn, v);
         else
             a.workspace[((size_t)split * M + m) * N + nn] = v;
-    }
+    });
     if (splits == 1) return;
 
     __shared__ int is_last;
@@ -154,16 +157,11 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int item = tid; item < M * tn; item += blockDim.x)
-    {
-        const int m = item / tn;
-        const int col = item - m * tn;
-        const int nn = tile * tn + col;
-        if (nn >= N) continue;
+    each_column([&](int m, int, int nn) {
         float v = 0.f;
         for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
         store_out(a, m, nn, v);
-    }
+    });
     if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
 }
 
