@@ -64,6 +64,18 @@ inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// Rotate-half rotary of one pair (x1 = x[i], x2 = x[i + D/2]) in fp32 with explicit roundings (no FMA
+// contraction), so rotary, rope_kv_write and the attention kernel's prologue agree bit for bit.
+__device__ __forceinline__ float rope_lo(float x1, float x2, float c, float s)
+{
+    return __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+}
+
+__device__ __forceinline__ float rope_hi(float x1, float x2, float c, float s)
+{
+    return __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+}
+
 // Eight fp16 values (one 16-byte load) to fp32.
 __device__ __forceinline__ void h8_to_f(const uint4& raw, float (&v)[8])
 {

@@ -44,8 +44,10 @@ __global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qst, int64_t 
     auto rotate = [&](const half* src, half* dst) {
         const float2 x1 = __half22float2(*reinterpret_cast<const half2*>(src + i));
         const float2 x2 = __half22float2(*reinterpret_cast<const half2*>(src + i + d));
-        *reinterpret_cast<half2*>(dst + i) = __floats2half2_rn(x1.x * c.x - x2.x * s.x, x1.y * c.y - x2.y * s.y);
-        *reinterpret_cast<half2*>(dst + i + d) = __floats2half2_rn(x2.x * c.x + x1.x * s.x, x2.y * c.y + x1.y * s.y);
+        *reinterpret_cast<half2*>(dst + i) =
+            __floats2half2_rn(rope_lo(x1.x, x2.x, c.x, s.x), rope_lo(x1.y, x2.y, c.y, s.y));
+        *reinterpret_cast<half2*>(dst + i + d) =
+            __floats2half2_rn(rope_hi(x1.x, x2.x, c.x, s.x), rope_hi(x1.y, x2.y, c.y, s.y));
     };
     if (hh < H)
     {
@@ -187,8 +189,8 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
                 const float x2 = __half2float(ks[i + d]);
                 const float c = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
                 const float sn = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
-                const half y1 = rot ? __float2half_rn(x1 * c - x2 * sn) : ks[i];
-                const half y2 = rot ? __float2half_rn(x2 * c + x1 * sn) : ks[i + d];
+                const half y1 = rot ? __float2half_rn(rope_lo(x1, x2, c, sn)) : ks[i];
+                const half y2 = rot ? __float2half_rn(rope_hi(x1, x2, c, sn)) : ks[i + d];
                 knew[i] = kd[i] = y1;
                 knew[i + d] = kd[i + d] = y2;
             }
@@ -211,7 +213,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
             for (int e = 0; e < 8; ++e)
             {
                 const float other = __shfl_xor_sync(0xffffffffu, qr[g][e], L / 2);
-                const float y = first ? qr[g][e] * rc[e] - other * rs[e] : qr[g][e] * rc[e] + other * rs[e];
+                const float y = first ? rope_lo(qr[g][e], other, rc[e], rs[e]) : rope_hi(other, qr[g][e], rc[e], rs[e]);
                 qr[g][e] = __half2float(__float2half_rn(y));
             }
         }

@@ -30,8 +30,8 @@ __global__ void rotary_kernel(half* x, int64_t sb, int64_t st, int64_t sh, int T
     const float s = __ldg(sinv + p * d + i);
     const float x1 = __half2float(base[i]);
     const float x2 = __half2float(base[i + d]);
-    base[i] = __float2half_rn(x1 * c - x2 * s);
-    base[i + d] = __float2half_rn(x2 * c + x1 * s);
+    base[i] = __float2half_rn(rope_lo(x1, x2, c, s));
+    base[i + d] = __float2half_rn(rope_hi(x1, x2, c, s));
 }
 
 cudaError_t rotary_launch(half* x, int64_t sb, int64_t st, int64_t sh, int B, int T, int H, int Dh,
