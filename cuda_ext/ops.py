@@ -5,7 +5,7 @@ here, so callers need not check. Shapes: `...` is any number of leading dims.
 
     q4_matmul(x [..., K], qweight, scales, offsets, perm=None, *, bias=None, residual=None, out=None) -> [..., N]
         M = prod(...) <= 8 rows: q4_gemm_small (reads the packed weights once);
-        more rows: q4_matmul_prompt: q4_dequant to fp16 column slices + cuBLAS, overlapped.
+        more rows: q4_matmul_prompt: q4_dequant to fp16 column slices, each then multiplied by cuBLAS.
     q4_gemm_small(x [M <= 8, K], ...) -> [M, N]    the small-M kernel itself (tn/splits/variant for tuning)
     q4_dequant(qweight, scales, offsets, perm=None, *, out=None) -> fp16 [K, N]
         with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather;

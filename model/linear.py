@@ -131,9 +131,9 @@ def fuse(parts: list[Linear]) -> Linear | None:
     if any((p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm))
            for p in parts):
         return None
-    fused = Linear(first.in_features, sum(p.out_features for p in parts), first.ops)
     if any(p.mma for p in parts):
         return None                       # fuse before choosing the layout (model.finalize)
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), first.ops)
     fused.set_q4(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
                  torch.cat([p.offsets for p in parts], 1), first.perm)
     col = 0
