@@ -5,8 +5,6 @@ what runs on CPUs. `Ops(use_kernels=False)` forces the references everywhere.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -81,12 +79,13 @@ class Ops:
     silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels."""
 
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
-                 rope_in_attention: bool = True):
+                 rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
         # decode: rope_kv_write's work inside the attention kernel (one launch less a layer)
         self.rope_in_attention = rope_in_attention
+        self.use_dense_gemv = dense_gemv              # fp16 GEMV kernel for a few rows (the LM head)
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""
@@ -159,11 +158,11 @@ class Ops:
     def dense_gemv(self, x, weight, norm=None):
         """x [..., K] (rms_norm'd first with norm=(weight, eps)) @ weight [N, K]^T for a few fp16 rows on a GPU
         by the extension's GEMV (the decode step's fp16 LM head); None where it does not apply
-        (EXLLAMA_DENSE_GEMV=0: never, for A/B runs against cuBLAS)."""
+        (or use_dense_gemv is off)."""
         k = self.kernels_for(x)
         K = x.shape[-1]
         rows = x.numel() // max(K, 1)
-        if not (k and os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0" and x.dtype == torch.float16
+        if not (k and self.use_dense_gemv and x.dtype == torch.float16
                 and weight.dtype == torch.float16 and 1 <= rows <= 8 and K % 8 == 0
                 and weight.stride(-1) == 1 and weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
                 and rows * K * 4 <= 96 * 1024 and weight.device == x.device):
