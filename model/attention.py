@@ -32,8 +32,10 @@ class Attention(nn.Module):
         y = self.qkv(x, lora, norm=norm)
         return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
 
-    def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None, norm=None):
-        """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual).
+    def forward(self, x, rope, pos, cache=None, start=0, mask=None, lora=None, residual=None, norm=None,
+                residual_inplace=False):
+        """x [B, T, D] at rotary positions pos [B, T]; returns o_proj(attention) (+ residual, which
+        residual_inplace lets it overwrite).
 
         norm: an RMSNorm applied to x first (fused into the q|k|v GEMV on GPUs)."""
         B, T, _ = x.shape
@@ -46,7 +48,7 @@ class Attention(nn.Module):
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
             o = self.ops.rope_decode_attention(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc, start.kv_len,
                                                start.pad)
-            return self.o_proj(o.reshape(B, T, -1), lora, residual)
+            return self.o_proj(o.reshape(B, T, -1), lora, residual, residual_inplace=residual_inplace)
         if cache is not None and not isinstance(start, StaticPos):
             # Prompt with a cache: rotary of q and k and the cache write in one kernel on GPUs; attention
             # then reads keys and values from the cache.
@@ -63,4 +65,4 @@ class Attention(nn.Module):
         causal = mask is None and T > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora, residual)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora, residual, residual_inplace=residual_inplace)

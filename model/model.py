@@ -32,12 +32,15 @@ class DecoderLayer(nn.Module):
     def forward(self, h, rope, pos, cache, start, mask, lora):
         # The residual adds ride on the output projections, the norms on the input projections
         # (both fused into the 4-bit kernel on GPUs for a few rows; applied separately otherwise).
-        h = self.self_attn(h, rope, pos, cache, start, mask, lora, residual=h, norm=self.input_layernorm)
+        # h is the layer's own residual stream: the output projections may accumulate into it in place
+        h = self.self_attn(h, rope, pos, cache, start, mask, lora, residual=h, norm=self.input_layernorm,
+                           residual_inplace=True)
         m = self.mlp
         if m.gate_up is not None:
             # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul;
             # Linear applies them separately where an adapter needs the transformed input)
-            return m.down_proj(m.gate_up(h, lora, norm=self.post_attention_layernorm), lora, h, silu=True)
+            return m.down_proj(m.gate_up(h, lora, norm=self.post_attention_layernorm), lora, h, silu=True,
+                               residual_inplace=True)
         return m(self.post_attention_layernorm(h), lora, residual=h)
 
 

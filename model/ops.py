@@ -172,9 +172,10 @@ class Ops:
         return y.view(*x.shape[:-1], weight.shape[0])
 
     def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False,
-                  mma=False):
+                  mma=False, out=None):
         """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds); mma: qweight is in the mma
-        layout (quant.py), read by the tensor-core kernels.
+        layout (quant.py), read by the tensor-core kernels. `out` (e.g. the residual itself) may receive the
+        result where a kernel runs; use the return value.
 
         norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
         silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue; for
@@ -188,6 +189,7 @@ class Ops:
                 x2 = x.reshape(rows, x.shape[-1])
                 nw, eps = norm if norm is not None else (None, 0.0)
                 y = k.q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual,
+                                    out=out.view(rows, qweight.shape[1]) if out is not None else None,
                                     norm_weight=nw, norm_eps=eps, silu_up=silu, mma=mma)
                 return y.reshape(*x.shape[:-1], qweight.shape[1])
             if norm is not None:
@@ -200,7 +202,7 @@ class Ops:
                 else:
                     x = self.silu_mul(x[..., :f], x[..., f:])
         if k:
-            return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual, mma=mma)
+            return k.q4_matmul(x, qweight, scales, offsets, perm, bias=bias, residual=residual, mma=mma, out=out)
         y = q4_matmul_dequant(x, qweight, scales, offsets, perm, mma)
         if bias is not None:
             y = y + bias

@@ -323,6 +323,9 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     if (bias.has_value())
         EXL_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat16, "bias must be fp16 [", N, "]");
 
+    // out may be the residual itself (the model accumulates into its residual stream in place)
+    const bool residual_in_out = residual.has_value() && residual->data_ptr() == out.data_ptr() &&
+                                 residual->strides() == out.strides();
     const c10::cuda::CUDAGuard guard(qweight.device());
     const int device = qweight.device().index();
     // Column slices of at most slice_bytes of fp16 weights, whole 128-column blocks.
@@ -376,7 +379,11 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
         }
         const torch::Tensor wt = bufs[b].narrow(0, 0, K * w).view({K, w});
         torch::Tensor part = out.narrow(1, c0, w);
-        if (residual.has_value() || bias.has_value())
+        if (residual_in_out && !bias.has_value())
+        {
+            at::addmm_out(part, part, x, wt);         // beta = 1 on out itself: no copy of the residual
+        }
+        else if (residual.has_value() || bias.has_value())
         {
             torch::Tensor base = residual.has_value() ? residual->narrow(1, c0, w) : bias->narrow(0, c0, w);
             if (residual.has_value() && bias.has_value()) base = base + bias->narrow(0, c0, w);
