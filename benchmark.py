@@ -106,7 +106,8 @@ def decode_speed(model, cache, n: int, step) -> float:
 
 
 def _peak_mb(model) -> float:
-    return sum(torch.cuda.max_memory_allocated(d) for d in _gpus(model)) / 2**20 if model.device.type == "cuda" else 0.0
+    """Peak allocated memory over the model's GPUs (0 on CPUs)."""
+    return sum(torch.cuda.max_memory_allocated(d) for d in _gpus(model)) / 2**20
 
 
 def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> dict:
@@ -134,10 +135,9 @@ def speed(model, length: int, graphs: bool = True, lora: str | None = None) -> d
     r = {"prompt_tokens": prompt_len, "prompt_tps": prompt, "best_tps": best, "worst_tps": worst}
     if model.device.type == "cuda":
         r["vram_phases_mb"] = phases
-        per = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in _gpus(model)}
-        r["vram_mb"] = sum(per.values())
-        if len(per) > 1:
-            r["vram_per_device_mb"] = per
+        r["vram_mb"] = phases["decode at the full context"]      # the run's peak (peaks are cumulative)
+        if len(_gpus(model)) > 1:
+            r["vram_per_device_mb"] = {f"cuda:{d}": torch.cuda.max_memory_allocated(d) / 2**20 for d in _gpus(model)}
     return r
 
 
@@ -303,7 +303,7 @@ def main(argv=None):
     if model.device.type == "cuda":
         # what the weights hold once loaded, and the peak while loading (the run's peak is "VRAM")
         result["vram_weights_mb"] = sum(torch.cuda.memory_allocated(d) for d in _gpus(model)) / 2**20
-        result["vram_load_peak_mb"] = sum(torch.cuda.max_memory_allocated(d) for d in _gpus(model)) / 2**20
+        result["vram_load_peak_mb"] = _peak_mb(model)
     result["seq_len"] = args.length
     if args.speed:
         result.update(speed(model, args.length, graphs=not args.no_graphs, lora=lora))

@@ -72,20 +72,18 @@ def decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad=None):
 
 class Ops:
     """Per-model dispatcher, set from RuntimeConfig: `use_kernels` (force_reference turns it off) and
-    the fused decode kernels (GPU, fp16 only; off by default until a GPU run passes
-    tests/test_gpu_model.py with them on, see docs/performance.md "decode-step fusion"):
+    the fused kernels (GPU, fp16 only; on by default, GPU-tested, docs/performance.md):
     fused_decode: the static decode step uses rope_kv_write + decode_attention instead of
     rotary + index_copy_ + SDPA with a mask; fused_gemv: rms_norm (before q|k|v, gate|up, lm_head) and
-    silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels."""
+    silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels;
+    rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV."""
 
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
                  rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
-        # decode: rope_kv_write's work inside the attention kernel (one launch less a layer)
-        self.rope_in_attention = rope_in_attention
-        self.use_dense_gemv = dense_gemv              # fp16 GEMV kernel for a few rows (the LM head)
+        self.rope_in_attention, self.use_dense_gemv = rope_in_attention, dense_gemv
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""

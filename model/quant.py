@@ -46,9 +46,11 @@ def unpack_cols_int4(packed: torch.Tensor) -> torch.Tensor:
 # the word at packed row 8c + g, column 16j + 4t + s holds q[k, n] with n = 16j + g + 8 (i & 1) and
 # k = 64c + 16s + 2t + 8 ((i >> 1) & 1) + (i >> 2). Same shape and dtype as the row layout; column
 # slices at multiples of 16 (the parts of a fused q|k|v) stay valid.
-_MMA_DIMS = (4, 2, 4, 2)          # k within a chunk of 64 = (s, kh, t, kl); n within 16 = (nh, g) below
-_TO_MMA = (0, 7, 5, 3, 1, 4, 2, 6)       # (c, s, kh, t, kl, j, nh, g) -> (c, g, j, t, s, kl, kh, nh)
-_FROM_MMA = (0, 4, 6, 3, 5, 2, 7, 1)     # its inverse
+# Unpacked q of a piece [64 C, N] viewed as (c, s, kh, t, kl, j, nh, g) with k = 64c + 16s + 8kh + 2t + kl
+# and n = 16j + 8nh + g; the mma layout's nibble rows are (c, g, i = 4 kl + 2 kh + nh), its columns (j, t, s).
+_MMA_DIMS = (4, 2, 4, 2)                 # (s, kh, t, kl) within a chunk of 64 K
+_TO_MMA = (0, 7, 4, 2, 6, 5, 3, 1)       # (c, s, kh, t, kl, j, nh, g) -> (c, g, kl, kh, nh, j, t, s)
+_FROM_MMA = (0, 7, 3, 6, 2, 5, 4, 1)     # its inverse
 _PIECE_BYTES = 16 << 20                  # unpacked bytes converted at a time (bounds the scratch)
 
 
@@ -58,30 +60,19 @@ def mma_layout_ok(K: int, N: int, groups: int) -> bool:
     return K % 64 == 0 and N % 16 == 0 and (gs == 32 or (gs > 0 and gs % 64 == 0))
 
 
-def _nibbles_to_words(q: torch.Tensor) -> torch.Tensor:
-    """uint8 nibbles [R, N, 8] -> int32 [R, N], nibble i at bits 4i (little-endian bytes, as pack_int4)."""
-    b = (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
-    return b.contiguous().view(torch.int32).squeeze(-1)
-
-
-def _words_to_nibbles(w: torch.Tensor) -> torch.Tensor:
-    b = w.contiguous().view(torch.uint8).view(*w.shape, 4)
-    return torch.stack((b & 0xF, b >> 4), dim=-1).view(*w.shape, 8)
-
-
 def _relayout(qweight: torch.Tensor, to_mma: bool) -> torch.Tensor:
+    """A nibble permutation inside each 64 K chunk, through pack_int4 / unpack_int4, a piece at a time."""
     K8, N = qweight.shape
     out = torch.empty_like(qweight)
     step = max(8, _PIECE_BYTES // (64 * N) * 8)       # packed rows a piece, whole chunks of 64 K
     for r0 in range(0, K8, step):
-        part = qweight[r0:r0 + step]
-        C = part.shape[0] // 8
+        q = unpack_int4(qweight[r0:r0 + step])
+        C = q.shape[0] // 64
         if to_mma:
-            q = unpack_int4(part).view(C, *_MMA_DIMS, N // 16, 2, 8).permute(*_TO_MMA)
-            out[r0:r0 + step] = _nibbles_to_words(q.reshape(C * 8, N, 8))
+            q = q.view(C, *_MMA_DIMS, N // 16, 2, 8).permute(*_TO_MMA)
         else:
-            q = _words_to_nibbles(part).view(C, 8, N // 16, 4, 4, 2, 2, 2).permute(*_FROM_MMA)
-            out[r0:r0 + step] = pack_int4(q.reshape(C * 64, N))
+            q = q.view(C, 8, 2, 2, 2, N // 16, 4, 4).permute(*_FROM_MMA)
+        out[r0:r0 + step] = pack_int4(q.reshape(C * 64, N))
     return out
 
 
