@@ -776,6 +776,47 @@ def test_decode_attention_cuda_graph_moving_position():
         assert rel_err(out, attn_reference(q, kc, vc, pos, kv_len)) < ELEM_TOL, p
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_captured_decode_attention_reads_this_steps_key(one_launch):
+    """rope_kv_write -> decode_attention (or the one-launch form) captured in a graph, replayed at moving
+    positions == the same calls run eagerly, bit for bit: under PDL the attention loads the earlier keys before
+    waiting on the previous kernel, and must read this step's key and value only after it."""
+    B, H, Hkv, D, S = 1, 32, 32, 128, 512
+    cos, sin = rope_tables(S, D)
+    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
+    qkv = torch.empty(B, 1, (H + 2 * Hkv) * D, device=DEV, dtype=torch.float16)
+    pos = torch.zeros(1, dtype=torch.long, device=DEV)
+    out = torch.empty(B, 1, H, D, device=DEV, dtype=torch.float16)
+
+    def step(t, kcc, vcc):
+        q, k, v = split_qkv(t, H, Hkv, D)
+        if one_launch:
+            return ops.decode_attention(q, kcc, vcc, pos, S, out=out, rope=(k, v, cos, sin))
+        q = ops.rope_kv_write(q, k, v, cos, sin, pos.view(1, 1), pos, kcc, vcc)
+        return ops.decode_attention(q, kcc, vcc, pos, S, out=out)
+
+    kg, vg, ke, ve = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    qkv.normal_()
+    step(qkv, kc.clone(), vc.clone())                             # eager first (counters, lazy init)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        step(qkv, kg, vg)
+    torch.cuda.current_stream().wait_stream(s)
+    for p in (0, 1, 63, 64, 200, 511, 300):
+        src = torch.randn_like(qkv)
+        pos.fill_(p)
+        qkv.copy_(src)
+        g.replay()
+        got = out.clone()
+        want = step(src.clone(), ke, ve).clone()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), p
+        assert torch.equal(kg, ke) and torch.equal(vg, ve), p
+
+
 def test_model_ops_decode_step_matches_reference():
     """Ops.rope_kv_write + Ops.decode_attention (kernels) == the reference path (rotary + index_copy_ + SDPA)."""
     from model.ops import Ops, decode_attention_ref, rope_kv_write_ref

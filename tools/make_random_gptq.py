@@ -21,6 +21,9 @@ SHAPES = {
                 num_key_value_heads=40, vocab_size=32000),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000),
+    # SmolLM2-135M (the embedded model's shape; tied embeddings; its GGUF is Q4_1 with 32-wide blocks)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024),
 }
@@ -47,9 +50,9 @@ def random_gptq(K: int, N: int, gs: int, act_order: bool, gen: torch.Generator) 
 
 
 def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0, device: str = "cpu"):
-    cfg = {**SHAPES[shape], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, **SHAPES[shape],
            "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group_size,
                                    "desc_act": act_order, "sym": True}}
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,8 @@ def write(out: Path, shape: str, group_size: int, act_order: bool, seed: int = 0
         add(f"{p}.post_attention_layernorm.weight", torch.ones(d, dtype=torch.float16))
         print(f"\rlayer {i + 1}/{cfg['num_hidden_layers']}", end="", flush=True)
     add("model.norm.weight", torch.ones(d, dtype=torch.float16))
-    add("lm_head.weight", (torch.randn(cfg["vocab_size"], d, generator=gen, device=device) * 0.02).half().cpu())
+    if not cfg["tie_word_embeddings"]:
+        add("lm_head.weight", (torch.randn(cfg["vocab_size"], d, generator=gen, device=device) * 0.02).half().cpu())
     flush()
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     print(f"\nwrote {out}")

@@ -1,17 +1,23 @@
 """Where a decode step's GPU time goes: kernel times of captured decode steps (torch.profiler).
 
-    python tools/profile_decode.py [-d DIR] [--context 100] [--steps 20] [--eager] [--prefill T]
+    python tools/profile_decode.py [-d DIR] [--context 100] [--steps 20] [--eager] [--prefill T] [--timeline]
 
 Prefills `--context` random tokens, then profiles `--steps` graph replays (or the same static step run
 eagerly with --eager) and prints each kernel's count, mean and share of the GPU time, plus the
 step time the GPU was busy for. Inside graphs kernels launched early (programmatic dependent launch)
 count their wait for the previous kernel; --eager times them alone. --prefill T profiles one forward
-of T tokens (the prompt path) instead.
+of T tokens (the prompt path) instead. --timeline adds where the GPU sat idle: the wall time against the
+union of kernel intervals, and the largest gaps by the pair of kernels around them (host-bound stretches
+show up as gaps).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -34,6 +40,7 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--prefill", type=int, default=0, help="profile one forward of this many tokens instead")
     ap.add_argument("--ops", action="store_true", help="also list torch ops (what launched the kernels) by GPU time")
+    ap.add_argument("--timeline", action="store_true", help="also report idle gaps between kernels")
     args = ap.parse_args()
     model, _ = load(args.directory, RuntimeConfig(max_seq_len=args.length), progress=False, tokenizer=False)
     cache = model.new_cache()
@@ -47,16 +54,35 @@ def main():
     torch.cuda.synchronize()
     if args.prefill:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, args.prefill), device=model.device)
-        model(prompt, model.new_cache())                  # warm-up at this length
+        pcache = model.new_cache()
+        model(prompt, pcache)                             # warm-up at this length
         args.steps = 1
     acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
-    with profile(activities=acts) as prof:
+    def run():
+        nonlocal ids
         if args.prefill:
-            model(prompt, model.new_cache())
+            pcache.reset()
+            model(prompt, pcache)
         else:
             for _ in range(args.steps):
                 ids = dec(ids)[:, -1].argmax(-1, keepdim=True)
+            cache.truncate(start)
+
+    if args.timeline:     # wall time without the profiler, and how long the host took to queue the work
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            print(f"wall {1e3 * (t2 - t0) / args.steps:.3f} ms per step, host queued it in "
+                  f"{1e3 * (t1 - t0) / args.steps:.3f} ms")
+    with profile(activities=acts) as prof:
+        run()
         torch.cuda.synchronize()
+    if args.timeline:
+        timeline(prof, args.steps, args.rows)
     if args.ops:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     rows = []
@@ -74,6 +100,41 @@ def main():
     what = f"prefill of {args.prefill} tokens" if args.prefill else ("eager" if args.eager else "graph")
     print(f"GPU busy per step: {total / args.steps / 1000:.3f} ms ({what}, context {args.context}, "
           f"{model.cfg.num_hidden_layers} layers)")
+
+
+def timeline(prof, steps: int, rows: int):
+    """Idle time between the profiled kernels: span, busy (union of kernel intervals), the largest gaps."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    ks = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not ks:
+        print("no kernel events in the trace")
+        return
+    busy, gaps, end, last = 0.0, defaultdict(lambda: [0, 0.0]), ks[0]["ts"], ks[0]["name"]
+    added = defaultdict(lambda: [0, 0.0])      # how far each kernel pushed the end of the work out
+    for e in ks:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if s > end:
+            g = gaps[(last[:45], e["name"][:45])]
+            g[0] += 1
+            g[1] += s - end
+        busy += max(0.0, t - max(s, end))
+        a = added[e["name"][:80]]
+        a[0] += 1
+        a[1] += max(0.0, t - end)
+        if t > end:
+            end, last = t, e["name"]
+    span = end - ks[0]["ts"]
+    print(f"kernels {len(ks) / steps:.0f} a step; span {span / steps:.1f} us a step, GPU busy {busy / steps:.1f} us "
+          f"({100 * busy / span:.1f}%), idle {(span - busy) / steps:.1f} us")
+    print(f"{'time added to the end of the work by kernel (overlap with the previous excluded)':80s} "
+          f"{'calls/step':>10s} {'us/call':>8s} {'us/step':>8s}")
+    for name, (n, t) in sorted(added.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"{name:80s} {n / steps:10.1f} {t / n:8.2f} {t / steps:8.1f}")
+    print(f"{'idle gaps: after':47s} {'before':47s} {'count':>6s} {'total us':>9s}")
+    for (a, b), (n, t) in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"{a:47s} {b:47s} {n:6d} {t:9.1f}")
 
 
 if __name__ == "__main__":

@@ -146,15 +146,36 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     const int li = lane % L;
     const int ki = lane / L;
 
-    pdl_wait();
-    pdl_trigger();
-
+    // Everything up to pdl_wait() reads only what was written before this decode step began (the
+    // position and padding buffers, the rotary tables, cache rows of earlier tokens), so it overlaps the
+    // previous kernel's tail under programmatic dependent launch: the block's first key and value rows are
+    // in flight before q exists. Only row p (this step's token, written by the previous kernel or below)
+    // waits.
     const int p = (int)pos[0];
     const int lo = pad ? (int)pad[b] : 0;
     const int hi = min(p + 1, kv_len);
+    // Only the splits holding keys [lo, hi) take part (the plan is fixed per key bucket, the position is
+    // not): the others exit, and a single active split writes the output itself with no combine.
+    const int first = lo / chunk;
+    const int last = (max(hi, lo + 1) - 1) / chunk;
+    if (split < first || split > last) return;
+    const int active = last - first + 1;
     const int e0 = max(split * chunk, lo);
     const int e1 = min(split * chunk + chunk, hi);
     const int n = e1 - e0;
+
+    const size_t head_off = ((size_t)b * Hkv + kvh) * (size_t)S * D + li * 8;
+    const half* kb = kc + head_off;
+    const half* vb = vc + head_off;
+    const int j0 = e0 + warp * KPW;                     // this warp's first key rows
+    uint4 kraw[UNR], vraw[UNR];
+    #pragma unroll
+    for (int u = 0; u < UNR; ++u)
+    {
+        const int j = j0 + u * KPB + ki;
+        kraw[u] = j == p ? make_uint4(0, 0, 0, 0) : key_row(kb, nullptr, j, e1, -1, li, D);
+        vraw[u] = j == p ? make_uint4(0, 0, 0, 0) : key_row(vb, nullptr, j, e1, -1, li, D);
+    }
 
     // Rotary prologue (rope.k): cos / sin of this lane's 8 dims (rotate-half pairs dims i and i + D / 2,
     // which sit L / 2 lanes apart), and the new token's rotated k and v, in the cache and in shared
@@ -164,10 +185,10 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     const bool has_new = fused_rope && split == p / chunk;
     float rc[8], rs[8];
     bool rot = false;
+    // the model's rotary position of the new token: p - pad[b] (clamped at 0), no extra load to wait on
+    const long long rp = max(p - lo, 0);
     if (fused_rope)
     {
-        // the model's rotary position of the new token: p - pad[b] (clamped at 0), no extra load to wait on
-        const long long rp = max(p - lo, 0);
         rot = rp >= 0 && rp < rope.max_pos;
         const int d = D / 2;
         #pragma unroll
@@ -177,25 +198,39 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
             rc[e] = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
             rs[e] = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
         }
-        if (has_new)
+    }
+
+    pdl_wait();
+    pdl_trigger();
+
+    if (has_new)
+    {
+        const int d = D / 2;
+        const half* ks = rope.k + b * rope.ksb + kvh * rope.ksh;
+        const half* vs = rope.v + b * rope.vsb + kvh * rope.vsh;
+        half* kd = kc + (((size_t)b * Hkv + kvh) * S + p) * D;
+        half* vd = vc + (((size_t)b * Hkv + kvh) * S + p) * D;
+        for (int i = tid; i < d; i += ATT_THREADS)
         {
-            const half* ks = rope.k + b * rope.ksb + kvh * rope.ksh;
-            const half* vs = rope.v + b * rope.vsb + kvh * rope.vsh;
-            half* kd = kc + (((size_t)b * Hkv + kvh) * S + p) * D;
-            half* vd = vc + (((size_t)b * Hkv + kvh) * S + p) * D;
-            for (int i = tid; i < d; i += ATT_THREADS)
-            {
-                const float x1 = __half2float(ks[i]);
-                const float x2 = __half2float(ks[i + d]);
-                const float c = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
-                const float sn = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
-                const half y1 = rot ? __float2half_rn(rope_lo(x1, x2, c, sn)) : ks[i];
-                const half y2 = rot ? __float2half_rn(rope_hi(x1, x2, c, sn)) : ks[i + d];
-                knew[i] = kd[i] = y1;
-                knew[i + d] = kd[i + d] = y2;
-            }
-            for (int i = tid; i < D; i += ATT_THREADS) vnew[i] = vd[i] = vs[i];
-            __syncthreads();
+            const float x1 = __half2float(ks[i]);
+            const float x2 = __half2float(ks[i + d]);
+            const float c = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
+            const float sn = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
+            const half y1 = rot ? __float2half_rn(rope_lo(x1, x2, c, sn)) : ks[i];
+            const half y2 = rot ? __float2half_rn(rope_hi(x1, x2, c, sn)) : ks[i + d];
+            knew[i] = kd[i] = y1;
+            knew[i + d] = kd[i + d] = y2;
+        }
+        for (int i = tid; i < D; i += ATT_THREADS) vnew[i] = vd[i] = vs[i];
+        __syncthreads();
+    }
+    #pragma unroll
+    for (int u = 0; u < UNR; ++u)                       // row p, now that it exists
+    {
+        if (j0 + u * KPB + ki == p && p < e1)
+        {
+            kraw[u] = key_row(kb, knew, p, e1, has_new ? p : -1, li, D);
+            vraw[u] = key_row(vb, vnew, p, e1, has_new ? p : -1, li, D);
         }
     }
 
@@ -221,20 +256,17 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         for (int e = 0; e < 8; ++e) qr[g][e] *= scale_log2;
     }
 
-    const size_t head_off = ((size_t)b * Hkv + kvh) * (size_t)S * D + li * 8;
-    const half* kb = kc + head_off;
-    const half* vb = vc + head_off;
     float* sc = sm;                                     // [G][chunk]
 
-    // Pass 1: scores.
-    for (int jb = e0 + warp * KPW; jb < e1; jb += KPB * UNR)
+    // Pass 1: scores (the first rows were loaded before the wait).
+    for (int jb = j0; jb < e1; jb += KPB * UNR)
     {
         uint4 raw[UNR];
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = key_row(kb, knew, j, e1, has_new ? p : -1, li, D);
+            raw[u] = jb == j0 ? kraw[u] : key_row(kb, knew, j, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -287,14 +319,14 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
     }
-    for (int jb = e0 + warp * KPW; jb < e1; jb += KPB * UNR)
+    for (int jb = j0; jb < e1; jb += KPB * UNR)
     {
         uint4 raw[UNR];
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
         {
             const int j = jb + u * KPB + ki;
-            raw[u] = key_row(vb, vnew, j, e1, has_new ? p : -1, li, D);
+            raw[u] = jb == j0 ? vraw[u] : key_row(vb, vnew, j, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -349,7 +381,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         float o = 0.f;
         #pragma unroll
         for (int w = 0; w < NW; ++w) o += red[(w * G + g) * D + dd];
-        if (splits == 1)
+        if (active == 1)
         {
             const float l = s_l[g];
             out[(size_t)(bh0 + g) * D + dd] = __float2half_rn(l > 0.f ? o / l : 0.f);
@@ -359,7 +391,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
             ws[((size_t)(bh0 + g) * splits + split) * D + dd] = o;
         }
     }
-    if (splits == 1) return;
+    if (active == 1) return;
 
     const int BH = gridDim.x * G;
     float* wml = ws + (size_t)BH * splits * D;          // [BH][splits][2] (max, sum)
@@ -373,27 +405,49 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     if (tid == 0)
     {
         const int prev = atomicAdd(counters + bk, 1);
-        is_last = (prev == splits - 1);
+        is_last = (prev == active - 1);
     }
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+
+    // Combine in split order: a warp per head finds the max and the weights exp2(m_s - M) (into shared
+    // memory, the scores' space), then every output element sums its splits with the loads batched.
+    float* f = sm;                                      // [G][active]
+    __shared__ float s_den[G];
+    for (int g = warp; g < G; g += NW)
+    {
+        const float* ml = wml + (size_t)(bh0 + g) * splits * 2;
+        const int s0 = first + lane;
+        const float m0 = s0 <= last ? __ldcg(ml + 2 * s0) : -CUDART_INF_F;
+        const float l0 = s0 <= last ? __ldcg(ml + 2 * s0 + 1) : 0.f;
+        float M = m0;
+        for (int s = s0 + 32; s <= last; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+        float den = 0.f;
+        for (int s = s0; s <= last; s += 32)
+        {
+            const float ms = s == s0 ? m0 : __ldcg(ml + 2 * s);
+            const float ls = s == s0 ? l0 : __ldcg(ml + 2 * s + 1);
+            const float fs = ms == -CUDART_INF_F ? 0.f : exp2f(ms - M);
+            f[g * active + (s - first)] = fs;
+            den = fmaf(fs, ls, den);
+        }
+        den = warp_sum(den);
+        if (lane == 0) s_den[g] = den;
+    }
+    __syncthreads();
     for (int item = tid; item < G * D; item += ATT_THREADS)
     {
         const int g = item / D;
         const int dd = item - g * D;
-        const float* ml = wml + (size_t)(bh0 + g) * splits * 2;
-        float M = -CUDART_INF_F;
-        for (int s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
-        float num = 0.f, den = 0.f;
-        for (int s = 0; s < splits; ++s)
-        {
-            const float ms = __ldcg(ml + 2 * s);
-            if (ms == -CUDART_INF_F) continue;
-            const float f = exp2f(ms - M);
-            num = fmaf(f, __ldcg(ws + ((size_t)(bh0 + g) * splits + s) * D + dd), num);
-            den = fmaf(f, __ldcg(ml + 2 * s + 1), den);
-        }
+        const float* wp = ws + ((size_t)(bh0 + g) * splits + first) * D + dd;
+        const float* fg = f + g * active;
+        float num = 0.f;
+        #pragma unroll 8
+        for (int s = 0; s < active; ++s) num = fmaf(fg[s], __ldcg(wp + (size_t)s * D), num);
+        const float den = s_den[g];
         out[(size_t)(bh0 + g) * D + dd] = __float2half_rn(den > 0.f ? num / den : 0.f);
     }
     if (tid == 0) counters[bk] = 0;                     // ready for the next launch (and graph replays)
@@ -444,11 +498,11 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
     const int max_chunk = std::max(KPB, ((46 * 1024) / (G * 4)) / KPB * KPB);   // scores + static smem fit 48 KB
     if (splits <= 0)
     {
-        const int target = 2 * std::max(sm_count, 1);
-        splits = std::max(1, EXL_DIV_UP(target, B * Hkv));
-        int chunk = std::max(64, EXL_DIV_UP(kv_len, splits));
-        chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
-        p.chunk = chunk;
+        // Two loop iterations a block (the first one's rows are loaded before the PDL wait), longer chunks
+        // once the grid would pass ~4 blocks an SM; splits past the position exit at once.
+        const int per_iter = KPB * attn::UNR;
+        int chunk = std::max(2 * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * std::max(sm_count, 1)));
+        p.chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
     }
     else
     {
@@ -458,7 +512,8 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
     p.splits = EXL_DIV_UP(kv_len, p.chunk);
     const size_t scores = (size_t)G * p.chunk * 4;
     const size_t red = (size_t)(ATT_THREADS / 32) * G * D * 4;
-    p.smem = std::max(scores, red);
+    const size_t weights = (size_t)G * p.splits * 4;   // the combine's split weights
+    p.smem = std::max(std::max(scores, red), weights);
     return p;
 }
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# A/B on the device in one call: this tree against ab_base/ (a copy of the base commit's engine), each with
+# its own extension build. Env: SHAPES (default "135m 7b"), TESTS (pytest -k filter; empty: skip), ATT=1 adds
+# tools/bench_attention.py for both, RUNS (benchmark repeats, default 2), PROFILE=1 a decode timeline per shape (new).
+source "$(dirname "$0")/gpu_env.sh" ab_out
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
+( cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY -c "from cuda_ext import build; build.load(); print('base ext ok')" 2>&1 | tail -1 ) &
+$PY -c "from cuda_ext import build; build.load(); print('ext ok')" 2>&1 | tail -1
+wait
+for s in ${SHAPES:-135m 7b}; do
+  gs=128; [ $s = 135m ] && gs=32
+  [ -d /tmp/rand_$s ] || $PY tools/make_random_gptq.py -o /tmp/rand_$s --shape $s --group-size $gs > /dev/null &
+done
+if [ -n "${TESTS:-}" ]; then
+  timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_fused.py -k "$TESTS" 2>&1 \
+    | tail -3 | tee -a "$OUT/summary.txt"
+fi
+wait
+if [ "${ATT:-0}" = 1 ]; then
+  echo "== attention, new" | tee -a "$OUT/summary.txt"; $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt"
+  echo "== attention, base" | tee -a "$OUT/summary.txt"
+  (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt")
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  for s in ${SHAPES:-135m 7b}; do
+    echo "== decode timeline $s" | tee -a "$OUT/summary.txt"
+    $PY tools/profile_decode.py -d /tmp/rand_$s --timeline --steps 20 --rows 12 2>&1 | grep -v Warn | tail -34 | tee -a "$OUT/summary.txt"
+  done
+fi
+for s in ${SHAPES:-135m 7b}; do
+  for r in $(seq ${RUNS:-2}); do
+    echo "== $s new" | tee -a "$OUT/summary.txt"; $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+    echo "== $s base" | tee -a "$OUT/summary.txt"
+    (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt")
+  done
+done
