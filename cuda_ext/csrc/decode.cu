@@ -203,6 +203,11 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     pdl_wait();
     pdl_trigger();
 
+    uint4 qraw[G];                                      // in flight while the new key is rotated below
+    #pragma unroll
+    for (int g = 0; g < G; ++g)
+        qraw[g] = *reinterpret_cast<const uint4*>(q + b * qsb + (int64_t)(kvh * G + g) * qsh + li * 8);
+
     if (has_new)
     {
         const int d = D / 2;
@@ -238,8 +243,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     #pragma unroll
     for (int g = 0; g < G; ++g)
     {
-        const half* qp = q + b * qsb + (int64_t)(kvh * G + g) * qsh + li * 8;
-        h8_to_f(*reinterpret_cast<const uint4*>(qp), qr[g]);
+        h8_to_f(qraw[g], qr[g]);
         if (fused_rope && rot)
         {
             // as rope_kv_write stores q: fp32 rotation, one fp16 rounding
