@@ -124,7 +124,8 @@ def _build(verbose: bool):
             name=NAME,
             sources=[str(CSRC / s) for s in SOURCES],
             extra_cflags=CFLAGS,
-            extra_cuda_cflags=CUDA_CFLAGS,
+            # EXLLAMA_NVCC_FLAGS: extra nvcc flags for A/B builds (with their own EXLLAMA_EXT_DIR)
+            extra_cuda_cflags=CUDA_CFLAGS + os.environ.get("EXLLAMA_NVCC_FLAGS", "").split(),
             extra_include_paths=[str(CSRC)],
             build_directory=str(folder),
             with_cuda=True,

@@ -99,7 +99,12 @@ cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t str
 // to a workspace; the last block of the (b, kv head) combines them in split order.
 namespace attn {
 
-constexpr int UNR = 4;     // key rows in flight per lane
+// Key rows in flight per lane (a block's first UNR rows a lane are loaded before the PDL wait);
+// -DATT_UNR=n for A/B builds.
+#ifndef ATT_UNR
+#define ATT_UNR 4
+#endif
+constexpr int UNR = ATT_UNR;
 
 __device__ __forceinline__ uint4 ld_stream(const half* p)
 {
