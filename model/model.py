@@ -198,11 +198,14 @@ class LlamaModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > (cache.max_seq_len if cache else self.runtime.max_seq_len):
             raise ValueError(f"{start + T} tokens exceed the maximum sequence length")
-        pos = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
+        # Positions and mask are made on the first layer's device: a host tensor copied there would make
+        # the host wait for the queued work (the embedding) before it could queue the first layer.
+        dev0 = self.layer_devices[0] if self.layer_devices else self.device
+        pos = torch.arange(start, start + T, device=dev0).unsqueeze(0).expand(B, T)
         if pad is not None:
-            pad = pad.cpu()
+            pad = pad.to(dev0)
             pos = (pos - pad.unsqueeze(1)).clamp(min=0)
-        mask = self._mask(B, T, start, pad)
+        mask = self._mask(B, T, start, pad, dev0)
         h = self.embed(input_ids)
         for dev, first, end in self.segments():
             h = h.to(dev)
@@ -216,12 +219,12 @@ class LlamaModel(nn.Module):
             h = h[:, -1:]
         return self.lm_head(self.norm(h), lora).float()
 
-    def _mask(self, B, T, start, pad):
+    def _mask(self, B, T, start, pad, device):
         """Boolean attention mask, or None where SDPA's own causal flag (or no mask) is right."""
         if pad is None and (start == 0 or T == 1):
             return None
-        q = torch.arange(start, start + T).view(1, T, 1)
-        k = torch.arange(start + T).view(1, 1, -1)
+        q = torch.arange(start, start + T, device=device).view(1, T, 1)
+        k = torch.arange(start + T, device=device).view(1, 1, -1)
         m = k <= q
         if pad is not None:
             # A padded query still sees itself, so its softmax has no empty row (no NaN).

@@ -6,11 +6,49 @@
 #include <math_constants.h>
 
 // ---- rope_kv_write ------------------------------------------------------------------------
-// One thread per (b, t, head of q|k|v, pair j < D/4): elements 2j, 2j + 1 and their rotate-half
-// partners 2j + D/2, 2j + 1 + D/2 (as rotary.cu: fp32 math, one fp16 rounding). q rotates in place;
-// k goes to the cache rotated and v as is, token t at slot[0] + t. T = 1 is the decode step, T > 1 a
-// prompt (one launch instead of two rotary kernels and two cache copies).
-template <typename PT>
+// One thread per (b, t, head of q|k|v, run j < D / (2 W)): elements W j .. W j + W - 1 and their
+// rotate-half partners + D/2 (as rotary.cu: fp32 math, one fp16 rounding). W = 8 moves 16 bytes a
+// load where rows and tables are 16-byte aligned (a prompt's T tokens), else W = 2. q rotates in
+// place; k goes to the cache rotated and v as is, token t at slot[0] + t. T = 1 is the decode step,
+// T > 1 a prompt (one launch instead of two rotary kernels and two cache copies).
+template <int W>
+__device__ __forceinline__ void ld_h(const half* p, float (&v)[W])
+{
+    if constexpr (W == 8)
+    {
+        h8_to_f(*reinterpret_cast<const uint4*>(p), v);
+    }
+    else
+    {
+        #pragma unroll
+        for (int e = 0; e < W; e += 2)
+        {
+            const float2 f = __half22float2(*reinterpret_cast<const half2*>(p + e));
+            v[e] = f.x;
+            v[e + 1] = f.y;
+        }
+    }
+}
+
+template <int W>
+__device__ __forceinline__ void st_h(half* p, const float (&v)[W])
+{
+    if constexpr (W == 8)
+    {
+        uint4 raw;
+        half2* h = reinterpret_cast<half2*>(&raw);
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) h[e] = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
+        *reinterpret_cast<uint4*>(p) = raw;
+    }
+    else
+    {
+        #pragma unroll
+        for (int e = 0; e < W; e += 2) *reinterpret_cast<half2*>(p + e) = __floats2half2_rn(v[e], v[e + 1]);
+    }
+}
+
+template <typename PT, int W>
 __global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qst, int64_t qsh, const half* k, int64_t ksb,
                                      int64_t kst, int64_t ksh, const half* v, int64_t vsb, int64_t vst, int64_t vsh,
                                      int T, int H, int Hkv, int d, const float* __restrict__ cosv,
@@ -22,32 +60,45 @@ __global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qst, int64_t 
     pdl_trigger();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    const int dp = d >> 1;                       // pairs per half of the head
-    const int j = (int)(idx % dp);
-    long long r = idx / dp;
+    const int dw = d / W;                        // runs per half of the head
+    const int j = (int)(idx % dw);
+    long long r = idx / dw;
     const int NH = H + 2 * Hkv;
     const int hh = (int)(r % NH);
     r /= NH;
     const int t = (int)(r % T);
     const int b = (int)(r / T);
     const int D = 2 * d;
-    const int i = 2 * j;
+    const int i = W * j;
 
     const long long p = (long long)positions[b * psb + t * pst];
     const bool rot = p >= 0 && p < max_pos;
-    float2 c = make_float2(1.f, 1.f), s = make_float2(0.f, 0.f);
+    float c[W], s[W];
+    #pragma unroll
+    for (int e = 0; e < W; ++e) { c[e] = 1.f; s[e] = 0.f; }
     if (rot && hh < H + Hkv)
     {
-        c = __ldg(reinterpret_cast<const float2*>(cosv + p * d + i));
-        s = __ldg(reinterpret_cast<const float2*>(sinv + p * d + i));
+        #pragma unroll
+        for (int e = 0; e < W; e += 2)
+        {
+            const float2 cc = __ldg(reinterpret_cast<const float2*>(cosv + p * d + i + e));
+            const float2 ss = __ldg(reinterpret_cast<const float2*>(sinv + p * d + i + e));
+            c[e] = cc.x; c[e + 1] = cc.y;
+            s[e] = ss.x; s[e + 1] = ss.y;
+        }
     }
     auto rotate = [&](const half* src, half* dst) {
-        const float2 x1 = __half22float2(*reinterpret_cast<const half2*>(src + i));
-        const float2 x2 = __half22float2(*reinterpret_cast<const half2*>(src + i + d));
-        *reinterpret_cast<half2*>(dst + i) =
-            __floats2half2_rn(rope_lo(x1.x, x2.x, c.x, s.x), rope_lo(x1.y, x2.y, c.y, s.y));
-        *reinterpret_cast<half2*>(dst + i + d) =
-            __floats2half2_rn(rope_hi(x1.x, x2.x, c.x, s.x), rope_hi(x1.y, x2.y, c.y, s.y));
+        float x1[W], x2[W], y1[W], y2[W];
+        ld_h<W>(src + i, x1);
+        ld_h<W>(src + i + d, x2);
+        #pragma unroll
+        for (int e = 0; e < W; ++e)
+        {
+            y1[e] = rope_lo(x1[e], x2[e], c[e], s[e]);
+            y2[e] = rope_hi(x1[e], x2[e], c[e], s[e]);
+        }
+        st_h<W>(dst + i, y1);
+        st_h<W>(dst + i + d, y2);
     };
     if (hh < H)
     {
@@ -67,27 +118,42 @@ __global__ void rope_kv_write_kernel(half* q, int64_t qsb, int64_t qst, int64_t 
     }
     else
     {
-        *reinterpret_cast<half2*>(dst + i) = *reinterpret_cast<const half2*>(src + i);
-        *reinterpret_cast<half2*>(dst + i + d) = *reinterpret_cast<const half2*>(src + i + d);
+        float x[W];
+        ld_h<W>(src + i, x);
+        st_h<W>(dst + i, x);
+        ld_h<W>(src + i + d, x);
+        st_h<W>(dst + i + d, x);
     }
 }
 
-cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t stream)
+template <int W>
+static cudaError_t launch_rope_kv(const RopeKvArgs& a, bool pdl, cudaStream_t stream)
 {
     const int d = a.D / 2;
-    const long long total = (long long)a.B * a.T * (a.H + 2 * a.Hkv) * (d / 2);
+    const long long total = (long long)a.B * a.T * (a.H + 2 * a.Hkv) * (d / W);
     if (total == 0) return cudaSuccess;
     const int threads = 256;
     const unsigned blocks = (unsigned)EXL_DIV_UP(total, (long long)threads);
     if (a.pos_is64)
-        return launch_kernel(rope_kv_write_kernel<int64_t>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
+        return launch_kernel(rope_kv_write_kernel<int64_t, W>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
                              a.qst, a.qsh, a.k, a.ksb, a.kst, a.ksh, a.v, a.vsb, a.vst, a.vsh, a.T, a.H, a.Hkv, d,
                              a.cos, a.sin, a.max_pos, static_cast<const int64_t*>(a.positions), a.psb, a.pst, a.slot,
                              a.k_cache, a.v_cache, a.S, total);
-    return launch_kernel(rope_kv_write_kernel<int32_t>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
+    return launch_kernel(rope_kv_write_kernel<int32_t, W>, dim3(blocks), dim3(threads), 0, stream, pdl, a.q, a.qsb,
                          a.qst, a.qsh, a.k, a.ksb, a.kst, a.ksh, a.v, a.vsb, a.vst, a.vsh, a.T, a.H, a.Hkv, d,
                          a.cos, a.sin, a.max_pos, static_cast<const int32_t*>(a.positions), a.psb, a.pst, a.slot,
                          a.k_cache, a.v_cache, a.S, total);
+}
+
+cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t stream)
+{
+    // 16-byte runs where every row start is 16-byte aligned (strides in halves multiple of 8) and the
+    // head is long enough; prompts only: the decode step's T = 1 has too few threads to gain from it
+    auto al = [](const void* ptr) { return ((uintptr_t)ptr & 15) == 0; };
+    const bool vec = a.T > 1 && (a.D / 2) % 8 == 0 && al(a.q) && al(a.k) && al(a.v) && al(a.cos) && al(a.sin) &&
+                     al(a.k_cache) && al(a.v_cache) && (a.qsb | a.qst | a.qsh | a.ksb | a.kst | a.ksh | a.vsb | a.vst |
+                                                        a.vsh) % 8 == 0;
+    return vec ? launch_rope_kv<8>(a, pdl, stream) : launch_rope_kv<2>(a, pdl, stream);
 }
 
 // ---- decode_attention ---------------------------------------------------------------------

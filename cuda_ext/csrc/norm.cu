@@ -2,8 +2,9 @@
 // add variant: residual[m, :] += x[m, :] (rounded to fp16), then out = norm(residual)
 //
 // One block per row. VEC: rows are read and written 8 halves (16 bytes) at a time; else one by one.
-// Pass 1 sums squares (and writes the updated residual); pass 2 re-reads the row, which the same
-// thread wrote, so no barrier is needed between them beyond the block reduction.
+// Pass 1 sums squares (and writes the updated residual); pass 2 normalises what pass 1 kept in
+// registers (VEC) or re-reads the row, which the same thread wrote, so no barrier is needed between
+// them beyond the block reduction.
 #include "norm.cuh"
 #include "common.cuh"
 
@@ -38,11 +39,14 @@ __global__ void rms_norm_kernel(half* residual, int64_t r_stride, const half* x,
     const half* src = ADD ? rr : xr;
 
     float ss = 0.f;
+    // VEC: a thread's first KEEP runs of 8 stay in registers between the passes (every run for rows of up
+    // to KEEP * 8 * blockDim.x, e.g. 4096 or 8192 with 512 threads), with their weights loaded before the
+    // block reduction; longer rows re-read the rest.
+    constexpr int KEEP = 2;
+    float keep[KEEP][8], wk[KEEP][8];
     if constexpr (VEC)
     {
-        for (int c = threadIdx.x; c < D / 8; c += blockDim.x)
-        {
-            float v[8];
+        auto load_run = [&](int c, float (&v)[8]) {
             h8_to_f(*reinterpret_cast<const uint4*>(xr + c * 8), v);
             if constexpr (ADD)
             {
@@ -56,6 +60,22 @@ __global__ void rms_norm_kernel(half* residual, int64_t r_stride, const half* x,
             }
             #pragma unroll
             for (int j = 0; j < 8; ++j) ss = fmaf(v[j], v[j], ss);
+        };
+        #pragma unroll
+        for (int u = 0; u < KEEP; ++u)
+        {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c < D / 8)
+            {
+                load_run(c, keep[u]);
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) wk[u][j] = wload<WT>(w, c * 8 + j);
+            }
+        }
+        for (int c = threadIdx.x + KEEP * blockDim.x; c < D / 8; c += blockDim.x)
+        {
+            float v[8];
+            load_run(c, v);
         }
     }
     else
@@ -78,7 +98,19 @@ __global__ void rms_norm_kernel(half* residual, int64_t r_stride, const half* x,
 
     if constexpr (VEC)
     {
-        for (int c = threadIdx.x; c < D / 8; c += blockDim.x)
+        #pragma unroll
+        for (int u = 0; u < KEEP; ++u)
+        {
+            const int c = threadIdx.x + u * blockDim.x;
+            if (c < D / 8)
+            {
+                float v[8];
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) v[j] = keep[u][j] * inv * wk[u][j];
+                *reinterpret_cast<uint4*>(orow + c * 8) = f_to_h8(v);
+            }
+        }
+        for (int c = threadIdx.x + KEEP * blockDim.x; c < D / 8; c += blockDim.x)
         {
             float v[8];
             h8_to_f(*reinterpret_cast<const uint4*>(src + c * 8), v);
