@@ -34,8 +34,6 @@ from . import build
 SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
 # Prompt path (q4_matmul_prompt, C++): weights are dequantized to fp16 in column slices of at most this
 # many bytes, so the scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
-# EXLLAMA_PROMPT_OVERLAP=1 dequantizes on a side stream a slice ahead of the GEMMs into two half-size
-# buffers: slower on an H100 (the GEMMs leave it few SMs, docs/performance.md), kept for A/B runs.
 # EXLLAMA_DEQUANT_SLICE_MB: the slice size for A/B runs (32 by default).
 DEQUANT_SLICE_BYTES = int(os.environ.get("EXLLAMA_DEQUANT_SLICE_MB", "32")) << 20
 
@@ -135,9 +133,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
         res2 = residual.reshape(M, N) if residual is not None else None
         b = bias.to(torch.float16) if bias is not None else None
-        overlap = os.environ.get("EXLLAMA_PROMPT_OVERLAP", "0") == "1"
-        _ext().q4_matmul_prompt(x2, qweight, scales, offsets, perm, b, res2, y, bool(mma),
-                                DEQUANT_SLICE_BYTES // 2 if overlap else DEQUANT_SLICE_BYTES, overlap)
+        _ext().q4_matmul_prompt(x2, qweight, scales, offsets, perm, b, res2, y, bool(mma), DEQUANT_SLICE_BYTES)
     return out if out is not None else y.reshape(*lead, N)
 
 

@@ -25,9 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("mma") = false);
     m.def("q4_matmul_prompt", &q4_matmul_prompt,
           "out[M, N] = x @ dequant(W) + bias + residual for many rows: column slices of <= slice_bytes of fp16 "
-          "weights, each dequantized then multiplied by cuBLAS (overlap: dequantized on a side stream ahead)",
+          "weights, each dequantized then multiplied by cuBLAS",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("bias"),
-          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"), py::arg("overlap") = false);
+          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"));
     m.def("dense_gemv", &dense_gemv,
           "out[M, N] = rms_norm?(x[M, K]) @ weight[N, K]^T + residual for M <= 8 fp16 rows (no cuBLAS workspace)",
           py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("out"), py::arg("norm_weight") = py::none(),

@@ -7,8 +7,6 @@
 #include "dense_gemv.cuh"
 #include "launch.h"
 
-#include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +18,16 @@
 #include <vector>
 
 namespace {
+
+// The act-order permutation's data pointer as the kernels take it: int32 or int64 (the other null).
+void perm_ptrs(const std::optional<torch::Tensor>& perm, const int32_t*& p32, const int64_t*& p64)
+{
+    p32 = nullptr;
+    p64 = nullptr;
+    if (!perm.has_value()) return;
+    if (perm->scalar_type() == torch::kInt64) p64 = perm->data_ptr<int64_t>();
+    else p32 = perm->data_ptr<int32_t>();
+}
 
 // Per-device split-K tile counters. Zeroed once; each kernel leaves them zero again, so they are
 // safe under CUDA graph replay. One stream at a time per device (as the engine runs).
@@ -219,11 +227,7 @@ void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const t
     a.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
     a.scales = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
     a.offsets = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
-    if (perm.has_value())
-    {
-        if (perm->scalar_type() == torch::kInt64) a.perm64 = perm->data_ptr<int64_t>();
-        else a.perm32 = perm->data_ptr<int32_t>();
-    }
+    perm_ptrs(perm, a.perm32, a.perm64);
     a.bias = bias.has_value() ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr;
     a.residual = residual.has_value() ? reinterpret_cast<const half*>(residual->data_ptr<at::Half>()) : nullptr;
     a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
@@ -268,13 +272,9 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
                 "out must have shape [", K, ", ", N, "] (got ", out.sizes(), ")");
 
     const c10::cuda::CUDAGuard guard(qweight.device());
-    const int32_t* p32 = nullptr;
-    const int64_t* p64 = nullptr;
-    if (perm.has_value())
-    {
-        if (perm->scalar_type() == torch::kInt64) p64 = perm->data_ptr<int64_t>();
-        else p32 = perm->data_ptr<int32_t>();
-    }
+    const int32_t* p32;
+    const int64_t* p64;
+    perm_ptrs(perm, p32, p64);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     C10_CUDA_CHECK((mma ? q4_dequant_mma_launch : q4_dequant_launch)(reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
                                      reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
@@ -303,7 +303,7 @@ bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups) { return q4_mma_s
 void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                       const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                      torch::Tensor& out, bool mma, int64_t slice_bytes, bool overlap)
+                      torch::Tensor& out, bool mma, int64_t slice_bytes)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
@@ -334,50 +334,25 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     width = std::min(width, N);
     const int nslices = (int)((N + width - 1) / width);
 
-    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device);
-    const bool two = overlap && nslices > 1;
-    torch::Tensor bufs[2];
-    const int nbuf = two ? 2 : 1;
-    for (int b = 0; b < nbuf; ++b) bufs[b] = torch::empty({K * width}, x.options());
-    const int32_t* p32 = nullptr;
-    const int64_t* p64 = nullptr;
-    if (perm.has_value())
-    {
-        if (perm->scalar_type() == torch::kInt64) p64 = perm->data_ptr<int64_t>();
-        else p32 = perm->data_ptr<int32_t>();
-    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+    const torch::Tensor buf = torch::empty({K * width}, x.options());
+    const int32_t* p32;
+    const int64_t* p64;
+    perm_ptrs(perm, p32, p64);
     auto dequant = mma ? q4_dequant_mma_launch : q4_dequant_launch;
     const uint32_t* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
     const half* sc = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
     const half* of = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
 
-    // One slice: the weights dequantized into buffer b, then out[:, c0:c1] by cuBLAS on main. With
-    // `overlap` the dequantization runs on a side stream a slice ahead of the GEMMs, double-buffered.
-    const c10::cuda::CUDAStream side = two ? c10::cuda::getStreamFromPool(false, device) : main;
-    at::cuda::CUDAEvent ready[2], done[2];
-    if (two)
-    {
-        at::cuda::CUDAEvent start;
-        start.record(main);
-        start.block(side);                    // x, out and the weights are main's
-        for (int b = 0; b < nbuf; ++b)
-            c10::cuda::CUDACachingAllocator::recordStream(bufs[b].storage().data_ptr(), side);
-    }
+    // One slice: the weights dequantized into the buffer, then out[:, c0:c1] by cuBLAS.
     for (int i = 0; i < nslices; ++i)
     {
-        const int b = i % nbuf;
         const int64_t c0 = i * width, w = std::min(width, N - c0);
-        if (two && i >= nbuf) done[b].block(side);   // the GEMM that read buffer b is done
         C10_CUDA_CHECK(dequant(qw + c0, sc + c0, of + c0, p32, p64,
-                               reinterpret_cast<half*>(bufs[b].data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
-                               qweight.stride(0), scales.stride(0), false, side));
+                               reinterpret_cast<half*>(buf.data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
+                               qweight.stride(0), scales.stride(0), false, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (two)
-        {
-            ready[b].record(side);
-            ready[b].block(main);
-        }
-        const torch::Tensor wt = bufs[b].narrow(0, 0, K * w).view({K, w});
+        const torch::Tensor wt = buf.narrow(0, 0, K * w).view({K, w});
         torch::Tensor part = out.narrow(1, c0, w);
         if (residual_in_out && !bias.has_value())
         {
@@ -393,7 +368,6 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
         {
             at::mm_out(part, x, wt);
         }
-        if (two) done[b].record(main);
     }
 }
 
