@@ -573,10 +573,13 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
     const int max_chunk = std::max(KPB, ((46 * 1024) / (G * 4)) / KPB * KPB);   // scores + static smem fit 48 KB
     if (splits <= 0)
     {
-        // Two loop iterations a block (the first one's rows are loaded before the PDL wait), longer chunks
-        // once the grid would pass ~4 blocks an SM; splits past the position exit at once.
+        // One loop iteration a block (its rows are loaded before the PDL wait) when that still gives a
+        // block an SM, else two (few kv heads: fewer, fuller blocks win); longer chunks once the grid would
+        // pass ~4 blocks an SM. Splits past the position exit at once.
         const int per_iter = KPB * attn::UNR;
-        int chunk = std::max(2 * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * std::max(sm_count, 1)));
+        const int sms = std::max(sm_count, 1);
+        const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter) >= sms ? 1 : 2;
+        int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
         p.chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
     }
     else
