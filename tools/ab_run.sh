@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A/B on the device in one call: this tree against ab_base/ (a copy of the base commit's engine), each with
-# its own extension build. Env: SHAPES (default "135m 7b"), TESTS (pytest -k filter; empty: skip), ATT=1 adds
+# A/B on the device in one call: this tree against ab_base/ (a copy of the base commit's engine, git-ignored:
+#   mkdir ab_base && git archive REV model cuda_ext tools benchmark.py | tar -x -C ab_base
+# and carried to the device), each with its own extension build. Env: SHAPES (default "135m 7b"), TESTS (pytest -k filter; empty: skip), ATT=1 adds
 # tools/bench_attention.py for both, RUNS (benchmark repeats, default 2), PROFILE=1 a decode timeline per shape (new).
 source "$(dirname "$0")/gpu_env.sh" ab_out
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
