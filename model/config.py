@@ -154,10 +154,9 @@ class RuntimeConfig:
     mma_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_MMA_GEMV", "1") != "0")
     # fp16 LM head (a few rows) by the extension's GEMV instead of cuBLAS; EXLLAMA_DENSE_GEMV=0 turns it off
     dense_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0")
-    # decode: rotary and KV write inside the attention kernel; None: by model size (LlamaModel), env
-    # EXLLAMA_FUSED_ROPE_ATTN=0/1 forces it
-    rope_in_attention: bool | None = field(default_factory=lambda: {"0": False, "1": True}.get(
-        os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "")))
+    # decode: rotary and KV write inside the attention kernel (faster on every measured size since the
+    # attention loads its cache rows before waiting on the previous kernel); EXLLAMA_FUSED_ROPE_ATTN=0 turns it off
+    rope_in_attention: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "1") != "0")
     embed_on_cpu: bool | None = None   # GPUs: the token embedding table in pinned host memory, read by
                                        # the GPU (no VRAM); None: when the LM head does not share it
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible

@@ -48,11 +48,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime
-        rope_in_attention = runtime.rope_in_attention
-        if rope_in_attention is None:
-            rope_in_attention = self._rope_in_attention(cfg)
         self.ops = Ops(use_kernels=not runtime.force_reference, fused_decode=runtime.fused_decode,
-                       fused_gemv=runtime.fused_gemv, rope_in_attention=rope_in_attention,
+                       fused_gemv=runtime.fused_gemv, rope_in_attention=runtime.rope_in_attention,
                        dense_gemv=runtime.dense_gemv)
         self.device = runtime.torch_device()          # embeddings and the first layers
         self.dtype = runtime.torch_dtype()
@@ -63,14 +60,6 @@ class LlamaModel(nn.Module):
         self.layer_devices = [self.device] * cfg.num_hidden_layers
         self.rotary: dict[torch.device, Rotary] = {}
         self.lora_adapters: dict = {}
-
-    @staticmethod
-    def _rope_in_attention(cfg: ModelConfig) -> bool:
-        """Whether the decode step rotates q and k inside the attention kernel. Measured on an H100
-        (docs/performance.md, session 3): +3% decode on SmolLM2-135M (hidden 576, launch-bound steps),
-        -1.4% / -3% (best / 2k context) on a 7B shape, where the new key's rotation delays the block that
-        reads it. So: for hidden sizes under 2048 (RuntimeConfig.rope_in_attention overrides)."""
-        return cfg.hidden_size < 2048
 
     @property
     def head_device(self) -> torch.device:
