@@ -234,7 +234,9 @@ class LlamaModel(nn.Module):
         segs = self.segments()
         dev, first, end = segs[seg]
         B = x.shape[0]
-        h = self.embed(x) if seg == 0 else x
+        # A later segment's input is the graph decoder's static buffer: the layers accumulate into the residual
+        # stream in place, so work on a copy (warm-up runs before a capture must leave the input as it was).
+        h = self.embed(x) if seg == 0 else x.clone()
         rope_pos = pos.view(1, 1).expand(B, 1)
         if pad is not None:
             rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
