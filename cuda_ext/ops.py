@@ -49,8 +49,8 @@ def _aligned(t: torch.Tensor, n: int = 16) -> bool:
 # ---- q4 ---------------------------------------------------------------------------------
 
 def _dequant_torch(qweight, scales, offsets, dtype, mma=False):
-    from model.quant import dequantize, from_mma_layout  # reference; only reached for non-fp16 activations
-    return dequantize(from_mma_layout(qweight) if mma else qweight, scales, offsets, dtype)
+    from model.quant import dequantize  # reference; only reached for non-fp16 activations
+    return dequantize(qweight, scales, offsets, dtype, mma)
 
 
 def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,

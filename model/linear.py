@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .ops import Ops
-from .quant import dequantize, from_mma_layout, mma_layout_ok, to_mma_layout
+from .quant import dequantize, mma_layout_ok, to_mma_layout
 
 
 class Linear(nn.Module):
@@ -54,8 +54,7 @@ class Linear(nn.Module):
         """W [N, K] in natural input order (undoing act-order), for tests and export."""
         if not self.quantized:
             return self.weight.to(dtype)
-        qweight = from_mma_layout(self.qweight) if self.mma else self.qweight
-        wt = dequantize(qweight, self.scales, self.offsets, dtype)   # rows in perm order
+        wt = dequantize(self.qweight, self.scales, self.offsets, dtype, self.mma)   # rows in perm order
         if self.perm is not None:
             full = torch.empty_like(wt)
             full[self.perm] = wt
@@ -142,7 +141,7 @@ def fuse(parts: list[Linear]) -> Linear | None:
     for p in parts:
         n = p.out_features
         p.set_q4(fused.qweight[:, col:col + n], fused.scales[:, col:col + n], fused.offsets[:, col:col + n],
-                 fused.perm, mma=fused.mma)
+                 fused.perm)
         col += n
     fused.views = list(parts)
     return fused

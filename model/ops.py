@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import dequantize, from_mma_layout
+from .quant import dequantize
 
 
 
@@ -35,11 +35,9 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def q4_matmul_dequant(x, qweight, scales, offsets, perm, mma=False):
     """x[..., perm] @ W^T with W dequantized to x's dtype (the reference path on any device)."""
-    if mma:
-        qweight = from_mma_layout(qweight)
     if perm is not None:
         x = x.index_select(-1, perm)
-    return x @ dequantize(qweight, scales, offsets, x.dtype)
+    return x @ dequantize(qweight, scales, offsets, x.dtype, mma)
 
 
 def rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=rotary_ref):
@@ -140,8 +138,7 @@ class Ops:
         """rope_kv_write then decode_attention (T = 1), in one kernel where it runs: [B, 1, H, D].
         rope_pos must be the model's (pos - pad, clamped at 0): the kernel derives it."""
         kern = self.kernels_for(q)
-        if (kern and self.fused_decode and self.rope_in_attention and kern.decode_attention_supported(q, k_cache)
-                and q.shape[-1] % 4 == 0):
+        if kern and self.fused_decode and self.rope_in_attention and kern.decode_attention_supported(q, k_cache):
             return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin))
         q = self.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache)
         return self.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)

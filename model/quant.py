@@ -94,9 +94,9 @@ def group_size_of(qweight: torch.Tensor, scales: torch.Tensor) -> int:
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference dequantization to W^T of shape [K, N] (inputs along rows)."""
-    q = unpack_int4(qweight)
+               dtype: torch.dtype = torch.float32, mma: bool = False) -> torch.Tensor:
+    """Reference dequantization to W^T of shape [K, N] (inputs along rows); mma: qweight is in the mma layout."""
+    q = unpack_int4(from_mma_layout(qweight) if mma else qweight)
     G, N = scales.shape
     w = q.view(G, -1, N).to(dtype) * scales.to(dtype).view(G, 1, N) + offsets.to(dtype).view(G, 1, N)
     return w.view(-1, N)

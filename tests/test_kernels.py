@@ -657,6 +657,12 @@ def split_qkv(t, H, Hkv, D):
             t[..., (H + Hkv) * D:].view(B, T, Hkv, D))
 
 
+def fresh_step(qkv, kc, vc, H, Hkv, D):
+    """Copies of a decode step's inputs, which the kernels write (q rotated in place, the new key and value in
+    the caches): q, k, v (views of a copy of qkv) and copies of the two caches."""
+    return (*split_qkv(qkv.clone(), H, Hkv, D), kc.clone(), vc.clone())
+
+
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 32, 32, 128), (2, 9, 3, 64), (3, 8, 2, 128)])
 @pytest.mark.parametrize("pdtype", [torch.int32, torch.int64])
 def test_rope_kv_write(B, H, Hkv, D, pdtype):
@@ -829,9 +835,7 @@ def test_model_ops_decode_step_matches_reference():
     rope_pos = (pos.view(1, 1).expand(B, 1) - pad.view(B, 1)).clamp(min=0)
     outs = []
     for fused in (True, False):
-        t = qkv.clone()
-        q, k, v = split_qkv(t, H, Hkv, D)
-        kcc, vcc = kc.clone(), vc.clone()
+        q, k, v, kcc, vcc = fresh_step(qkv, kc, vc, H, Hkv, D)
         if fused:
             q = gpu.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, kcc, vcc)
             o = gpu.decode_attention(q, kcc, vcc, pos, 256, pad)
@@ -863,9 +867,7 @@ def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
         rope_pos = (rope_pos - pad.view(B, 1)).clamp(min=0)
     outs = []
     for one_launch in (True, False):
-        t = qkv.clone()
-        q, k, v = split_qkv(t, H, Hkv, D)
-        kcc, vcc = kc.clone(), vc.clone()
+        q, k, v, kcc, vcc = fresh_step(qkv, kc, vc, H, Hkv, D)
         if one_launch:
             q0 = q.clone()
             o = ops.decode_attention(q, kcc, vcc, pos, kv_len, pad, splits=splits, rope=(k, v, cos, sin))
@@ -878,9 +880,7 @@ def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
     assert rel_err(outs[0][0], outs[1][0]) < 1e-3
     # and through Ops, as the model calls it
     gpu = Ops(True, fused_decode=True)
-    t = qkv.clone()
-    q, k, v = split_qkv(t, H, Hkv, D)
-    kcc, vcc = kc.clone(), vc.clone()
+    q, k, v, kcc, vcc = fresh_step(qkv, kc, vc, H, Hkv, D)
     o = gpu.rope_decode_attention(q, k, v, cos, sin, rope_pos, pos, kcc, vcc, kv_len, pad)
     assert rel_err(o, outs[1][0]) < 1e-3 and torch.equal(kcc, outs[1][1])
 
