@@ -81,26 +81,34 @@ def _sync(model):
 
 
 def _decoder(model, cache, graphs: bool, lora=None):
-    """The decode step the tools use: graph-captured on GPUs (unless off), eager elsewhere."""
+    """The greedy decode step the tools time: step(ids [B, 1] or None) -> the next ids, None continuing from the
+    previous step's pick. On GPUs a captured step that takes the argmax itself (GraphDecoder.greedy, what the
+    generator runs for greedy decoding); eager elsewhere (or with graphs off)."""
     if model.device.type == "cuda" and graphs:
         from model.graph import GraphDecoder
         dec = GraphDecoder(model, cache)
-        return lambda ids: dec(ids, lora=lora)
-    return lambda ids: model(ids, cache, lora=lora)
+        return lambda ids: dec.greedy(ids, lora=lora)[:, :1]
+    last = None
+
+    def step(ids):
+        nonlocal last
+        last = model(last if ids is None else ids, cache, lora=lora)[:, -1].argmax(-1, keepdim=True)
+        return last
+    return step
 
 
 def decode_speed(model, cache, n: int, step) -> float:
-    """Decode tokens/s for n tokens from the cache's current length. An untimed pass over the same
+    """Greedy decode tokens/s for n tokens from the cache's current length. An untimed pass over the same
     positions first keeps one-off costs (graph captures, one per key bucket) out of the timing."""
     ids = torch.randint(0, model.cfg.vocab_size, (1, 1), device=model.device)
     start = cache.length
-    for _ in range(n):
-        step(ids)
+    for i in range(n):
+        step(ids if i == 0 else None)
     cache.truncate(start)
     _sync(model)
     t0 = time.perf_counter()
-    for _ in range(n):
-        ids = step(ids)[:, -1].argmax(-1, keepdim=True)
+    for i in range(n):
+        step(ids if i == 0 else None)
     _sync(model)
     return n / (time.perf_counter() - t0)
 

@@ -25,6 +25,7 @@ SOURCES = (
     "ops_act.cpp",
     "ops_decode.cpp",
     "ops_embed.cpp",
+    "ops_argmax.cpp",
     "q4_gemm.cu",
     "q4_gemm_m1.cu",
     "q4_gemm_m2_3.cu",
@@ -38,6 +39,7 @@ SOURCES = (
     "act.cu",
     "decode.cu",
     "embed.cu",
+    "argmax.cu",
 )
 
 CFLAGS = ["-O3"]

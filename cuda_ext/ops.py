@@ -11,6 +11,7 @@ here, so callers need not check. Shapes: `...` is any number of leading dims.
         with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather;
         the weights may be column slices (rows contiguous).
     embed_gather(ids [...] int64 on the GPU, table [V, D] fp16 in pinned host memory) -> [..., D] on the GPU
+    argmax_rows(logits [B, V] fp16|fp32, *, out=None, ids=None) -> [B, 2] int64 (argmax, finite?)
     rms_norm(x [..., D], weight [D] fp16|fp32, eps, *, out=None) -> [..., D]
     add_rms_norm(residual [..., D], x [..., D], weight, eps, *, out=None) -> out   (residual += x in place)
     rotary_(x [B, T, H, Dh], cos [P, Dh/2] fp32, sin, positions [B, T] | [T] int32|int64 on the device) -> x
@@ -280,4 +281,19 @@ def embed_gather(ids: torch.Tensor, table: torch.Tensor, *, out: torch.Tensor | 
     if out is None:
         out = torch.empty((*ids.shape, table.shape[1]), dtype=torch.float16, device=ids.device)
     _ext().embed_gather(ids.view(-1), table, out)
+    return out
+
+
+# ---- greedy pick --------------------------------------------------------------------------
+
+def argmax_rows(logits: torch.Tensor, *, out: torch.Tensor | None = None,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 2] int64: per row of logits [B, V] (fp16 or fp32, contiguous rows) the index torch.argmax picks
+    (a NaN wins, ties go to the lowest index) and 1 if that logit is finite, else 0. ids (B int64 values, may be
+    strided): also receives the index (a decode step's next input). One launch; graph-safe."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if out is None:
+        out = torch.empty((logits.shape[0], 2), dtype=torch.int64, device=logits.device)
+    _ext().argmax_rows(logits, out, ids)
     return out

@@ -285,6 +285,17 @@ class Generator:
         self.ids.extend(tokens)
         return logits[:, -1]
 
+    @torch.inference_mode()
+    def _greedy_step(self, tok: int, lora: str | None, continuing: bool) -> int:
+        """Feed tok through a captured greedy step (GraphDecoder.greedy) -> the next token, picked inside the
+        graph. continuing: tok is the previous greedy step's pick, already the graph's input."""
+        ids = None if continuing else torch.tensor([[tok]], dtype=torch.long)
+        nxt, finite = self._graph.greedy(ids, lora=lora)[0].tolist()
+        self.ids.append(tok)
+        if not finite:
+            raise ValueError("no token can be sampled: the logits contain nan")
+        return nxt
+
     def _prefill(self, ids: list[int], lora: str | None = None) -> torch.Tensor:
         """Bring the cache to exactly `ids`, reusing the common prefix -> logits [1, V] for the next token."""
         if lora != self._lora:
@@ -336,6 +347,9 @@ class Generator:
         stream = TextStream(self.tokenizer, settings.stop_strings, settings.break_on_newline)
         eos = self.eos_ids if settings.stop_on_eos else frozenset()
         n, n_hist, t_first, tps = 0, P, 0.0, 0.0
+        # Plain greedy decoding on a GPU: the argmax runs inside the captured step, no logits leave it.
+        in_graph = self._graph is not None and ss.plain_greedy
+        picked: int | None = None
 
         def final(text: str, toks: list[int], reason: str) -> Delta:
             reason = stream.finish_reason or reason  # the flushed tail may complete a stop string
@@ -352,7 +366,7 @@ class Generator:
             history = None
             if hist is not None:
                 history = hist[:, (0 if window < 0 else max(0, n_hist - window)):n_hist]
-            tok = int(sampler.sample(logits, history)[0])
+            tok = int(sampler.sample(logits, history)[0]) if picked is None else picked
             n += 1
             now = time.perf_counter()
             if n == 1:
@@ -377,7 +391,10 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 yield final(stream.close(), [], "cancelled")
                 return
-            logits = self._forward([tok], settings.lora)
+            if in_graph:
+                picked = self._greedy_step(tok, settings.lora, continuing=picked is not None)
+            else:
+                logits = self._forward([tok], settings.lora)
 
     def complete(self, prompt: str | Sequence[int], settings: GenerationSettings | None = None,
                  cancel: threading.Event | None = None) -> str:

@@ -223,13 +223,15 @@ class LlamaModel(nn.Module):
     # -- static decode (what CUDA graphs capture, one graph per device segment) -------------
     @torch.inference_mode()
     def decode_segment(self, seg: int, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, kv_len: int,
-                       pad: torch.Tensor | None = None, lora: str | None = None) -> torch.Tensor:
+                       pad: torch.Tensor | None = None, lora: str | None = None,
+                       float_logits: bool = True) -> torch.Tensor:
         """One decode step over one device segment, with no host value deciding a shape or offset.
 
         x: token ids [B, 1] for the first segment, else the hidden state [B, 1, D] on the
         segment's device; pos: [1] int64 on that device (the cache slot to write); keys up to
         kv_len (> pos) are read and those past pos masked. The last segment returns logits
-        [B, 1, V]; the others the hidden state. The caller advances cache.length.
+        [B, 1, V] (fp32, or the model's dtype with float_logits=False); the others the hidden state.
+        The caller advances cache.length.
         """
         segs = self.segments()
         dev, first, end = segs[seg]
@@ -252,7 +254,8 @@ class LlamaModel(nn.Module):
         for layer in self.layers[first:end]:
             h = layer(h, self.rotary[dev], rope_pos, cache, static, mask, lora)
         if seg == len(segs) - 1:
-            return self.lm_head(h, lora, norm=self.norm).float()
+            logits = self.lm_head(h, lora, norm=self.norm)
+            return logits.float() if float_logits else logits
         return h
 
     def decode_static(self, input_ids, cache, pos, kv_len, pad=None, lora=None):

@@ -66,6 +66,13 @@ def decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad=None):
     return o.transpose(1, 2)
 
 
+def argmax_rows_ref(logits: torch.Tensor) -> torch.Tensor:
+    """[B, 2] int64: per row of logits [B, V] torch.argmax's index and 1 if that logit is finite, else 0."""
+    idx = logits.argmax(-1)
+    ok = torch.isfinite(logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
+    return torch.stack((idx, ok.long()), -1)
+
+
 # ---- dispatch ---------------------------------------------------------------------------
 
 class Ops:
@@ -165,6 +172,17 @@ class Ops:
         nw, eps = norm if norm is not None else (None, 0.0)
         y = k.dense_gemv(x.reshape(rows, K), weight, norm_weight=nw, norm_eps=eps)
         return y.view(*x.shape[:-1], weight.shape[0])
+
+    def argmax_rows(self, logits, out, ids=None):
+        """out [B, 2] int64 = (argmax, finite?) per row of logits [B, V]; ids (B values on the same device), if
+        given, receives the argmax too. Graph-safe (the greedy decode step)."""
+        k = self.kernels_for(logits)
+        if k and logits.dtype in (torch.float16, torch.float32):
+            return k.argmax_rows(logits, out=out, ids=ids)
+        out.copy_(argmax_rows_ref(logits))
+        if ids is not None:
+            ids.view(-1).copy_(out[:, 0])
+        return out
 
     def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False,
                   mma=False, out=None):

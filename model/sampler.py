@@ -264,6 +264,12 @@ class SamplerSettings:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing before the argmax (no penalties, bans or allowed set): the pick needs only the
+        logits, so a captured decode step can make it itself (model/graph.py GraphDecoder.greedy)."""
+        return self.is_greedy and not self.has_penalties and not self.banned_tokens and not self.allowed_tokens
+
+    @property
     def penalty_window(self) -> int:
         """How many most recent history tokens the penalties look at (-1 = all)."""
         if self.repetition_penalty_sustain < 0:

@@ -269,6 +269,34 @@ def test_cache_reuse_prefills_only_the_suffix(model_tok, gen):
     assert ids2 == ref_ids and text2 == ref_text
 
 
+def test_greedy_inside_the_decode_step_gives_the_same_reply(model_tok):
+    """With a graph decoder (here run eagerly on the CPU) plain greedy decoding takes each next token from the
+    step itself (GraphDecoder.greedy) instead of sampling its logits: same tokens, cache reuse included; with a
+    penalty the logits path runs."""
+    from model.graph import GraphDecoder
+    model, tok = model_tok
+    plain = Generator(model, tok, max_seq_len=128)
+    inside = Generator(model, tok, max_seq_len=128)
+    inside._graph = GraphDecoder(model, inside.cache, use_graphs=False)
+    calls = {"greedy": 0}
+    real = inside._graph.greedy
+
+    def counted(*a, **k):
+        calls["greedy"] += 1
+        return real(*a, **k)
+    inside._graph.greedy = counted
+    p = tok.encode(PROMPTS[2])
+    for prompt in (p, p + tok.encode(" return")):        # the second reuses the cache
+        assert greedy_ids(inside, prompt, 7) == greedy_ids(plain, prompt, 7)
+        assert inside.ids == plain.ids and inside.cache.length == plain.cache.length
+    assert calls["greedy"] == 2 * 6                       # tokens 2..7 of each reply came from inside the step
+    pen = GenerationSettings(SamplerSettings.greedy(repetition_penalty=1.3), max_new_tokens=5, stop_on_eos=False)
+    assert not pen.sampler.plain_greedy
+    ref = [t for d in plain.generate(p, pen) for t in d.token_ids]
+    assert [t for d in inside.generate(p, pen) for t in d.token_ids] == ref
+    assert calls["greedy"] == 12
+
+
 def test_rewind(gen, tok):
     p = tok.encode(PROMPTS[1])
     a, text_a = greedy_ids(gen, p, 5)

@@ -506,6 +506,32 @@ def test_model_ops_fused_matmul_matches_reference():
         assert rel_err(a, b) < Q4_TOL
 
 
+# ---- greedy pick (argmax_rows) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("V", [49152, 32000, 7, 1001, 128256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_argmax_rows_matches_torch(V, dtype):
+    """Index as torch.argmax picks it (ties: the lowest index; a NaN wins) and the finite flag, also for rows
+    of a strided view and with the index written to a second buffer."""
+    from model.ops import argmax_rows_ref
+    B = 3
+    x = (torch.randn(B, V + 5, device=DEV) * 4).to(dtype)[:, 2:V + 2]      # row stride V + 5, unaligned start
+    x[1, V // 3] = x[1, V // 2] = x[1].max() + 1                             # a tie
+    if V > 7:
+        x[2, V - 3] = float("nan")
+        x[2, V - 1] = float("nan")
+    ref = argmax_rows_ref(x.contiguous())
+    for rows in (x, x.contiguous()):                  # scalar loads; 16-byte loads (V % 8 == 0)
+        ids = torch.full((B, 1), -1, dtype=torch.long, device=DEV)
+        out = ops.argmax_rows(rows, ids=ids)
+        assert torch.equal(out, ref)
+        assert torch.equal(ids[:, 0], out[:, 0])
+    assert ref[0, 1] == 1 and (V == 7 or ref[2, 1] == 0)
+    inf = torch.full((2, V), float("-inf"), device=DEV, dtype=dtype)
+    inf[1, V - 1] = float("inf")
+    assert ops.argmax_rows(inf).tolist() == [[0, 0], [V - 1, 0]]
+
+
 # ---- tensor-core GEMV and dequantization on the mma layout ---------------------------------
 
 @pytest.mark.parametrize("K,N", SHAPES + [(4096, 12288), (4096, 22016), (4096, 32000), (576, 960)])

@@ -18,15 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark import _decoder  # noqa: E402
 from model.config import RuntimeConfig  # noqa: E402
+from model.graph import GraphDecoder  # noqa: E402
 from model.loader import load  # noqa: E402
 
 
 def greedy(model, prompt: torch.Tensor, n: int):
     cache = model.new_cache()
     logits = model(prompt.to(model.device), cache)
-    step = _decoder(model, cache, graphs=True)
+    step = GraphDecoder(model, cache)          # captured steps returning logits
     tokens, rows = [], []
     for _ in range(n):
         t = logits[:, -1].argmax(-1, keepdim=True)

@@ -70,6 +70,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
     m.def("embed_gather", &embed_gather, "out[r] = table[ids[r]] with the table in pinned host memory",
           py::arg("ids"), py::arg("table"), py::arg("out"));
 
+    // greedy pick
+    m.def("argmax_rows", &argmax_rows,
+          "res[b] = (argmax of logits[b] as torch.argmax picks it, 1 if that logit is finite else 0); the index "
+          "also to ids[b] if given", py::arg("logits"), py::arg("res"), py::arg("ids") = py::none());
+
     // activations
     m.def("silu_mul", &silu_mul, "out = silu(gate) * up", py::arg("gate"), py::arg("up"), py::arg("out"));
 }

@@ -54,3 +54,6 @@ void silu_mul(const torch::Tensor& gate, const torch::Tensor& up, torch::Tensor&
 
 // embeddings (ops_embed.cpp)
 void embed_gather(const torch::Tensor& ids, const torch::Tensor& table, torch::Tensor& out);
+
+// greedy pick (ops_argmax.cpp)
+void argmax_rows(const torch::Tensor& logits, torch::Tensor& res, const std::optional<torch::Tensor>& ids);
