@@ -187,15 +187,17 @@ class LlamaModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > (cache.max_seq_len if cache else self.runtime.max_seq_len):
             raise ValueError(f"{start + T} tokens exceed the maximum sequence length")
-        # Positions and mask are made on the first layer's device: a host tensor copied there would make
-        # the host wait for the queued work (the embedding) before it could queue the first layer.
+        # The embedding goes first: from host memory it is the prompt's longest single kernel (~0.6 ms for
+        # 1920 tokens of a 7B), and the GPU reads it while the host sets up the rest. Positions and mask are
+        # made on the first layer's device: a host tensor copied there would make the host wait for the
+        # queued work (the embedding) before it could queue the first layer.
+        h = self.embed(input_ids)
         dev0 = self.layer_devices[0] if self.layer_devices else self.device
         pos = torch.arange(start, start + T, device=dev0).unsqueeze(0).expand(B, T)
         if pad is not None:
             pad = pad.to(dev0)
             pos = (pos - pad.unsqueeze(1)).clamp(min=0)
         mask = self._mask(B, T, start, pad, dev0)
-        h = self.embed(input_ids)
         for dev, first, end in self.segments():
             h = h.to(dev)
             p = pos.to(dev)
