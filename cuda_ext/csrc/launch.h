@@ -15,18 +15,13 @@
 // after their main loop (mode 1) when smaller: measured on an H100, early release gains 3-10% on
 // 7B-sized layers but costs up to 40% on SmolLM-sized ones, where a cascade of early-launched
 // small kernels crowds the machine (docs/performance.md). EXLLAMA_PDL_MODE=1|2 forces one mode.
-inline bool pdl_disabled()
+inline bool pdl_auto(int device)
 {
     static const bool disabled = [] {
         const char* e = std::getenv("EXLLAMA_NO_PDL");
         return e && *e && std::string(e) != "0";
     }();
-    return disabled;
-}
-
-inline bool pdl_auto(int device)
-{
-    if (pdl_disabled()) return false;
+    if (disabled) return false;
     if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return false;
     static int major[64] = {0};
     if (device < 0 || device >= 64) return false;

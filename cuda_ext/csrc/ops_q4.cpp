@@ -344,16 +344,13 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
     const half* sc = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
     const half* of = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
 
-    // One slice: the weights dequantized into the buffer, then out[:, c0:c1] by cuBLAS. From the second slice
-    // on the dequantization is launched with PDL: the kernel before it is our own GEMM (which writes no
-    // weights), so it reads its weights before waiting and writes the buffer only after that GEMM is done.
-    const bool pdl = device_info(device).cc_major >= 9 && !pdl_disabled();
+    // One slice: the weights dequantized into the buffer, then out[:, c0:c1] by cuBLAS.
     for (int i = 0; i < nslices; ++i)
     {
         const int64_t c0 = i * width, w = std::min(width, N - c0);
         C10_CUDA_CHECK(dequant(qw + c0, sc + c0, of + c0, p32, p64,
                                reinterpret_cast<half*>(buf.data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
-                               qweight.stride(0), scales.stride(0), pdl && i > 0, stream));
+                               qweight.stride(0), scales.stride(0), false, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const torch::Tensor wt = buf.narrow(0, 0, K * w).view({K, w});
         torch::Tensor part = out.narrow(1, c0, w);

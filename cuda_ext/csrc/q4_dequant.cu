@@ -12,6 +12,8 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
                   const int64_t* __restrict__ perm64, half* __restrict__ out,
                   int Kp, int N, int gpr, int64_t ldq, int64_t lds)
 {
+    pdl_wait();
+    pdl_trigger();             // after the wait: at most one kernel queued behind this one
     const int nq = N >> 2;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)Kp * nq) return;
@@ -23,10 +25,6 @@ q4_dequant_kernel(const uint32_t* __restrict__ qweight, const half* __restrict__
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(qweight + (size_t)i * ldq + n0));
     const uint2 sr = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * lds + n0));
     const uint2 orw = __ldg(reinterpret_cast<const uint2*>(offsets + (size_t)g * lds + n0));
-    // The weights never change between kernels; `out` (the previous GEMM's input in the prompt path) may
-    // only be written once the kernel before has finished (PDL).
-    pdl_wait();
-    pdl_trigger();             // after the wait: at most one kernel queued behind this one
     const float2 s01 = __half22float2(*reinterpret_cast<const half2*>(&sr.x));
     const float2 s23 = __half22float2(*reinterpret_cast<const half2*>(&sr.y));
     const float2 o01 = __half22float2(*reinterpret_cast<const half2*>(&orw.x));

@@ -293,6 +293,8 @@ q4_dequant_mma_kernel(const uint32_t* __restrict__ qweight, const half* __restri
                       const int64_t* __restrict__ perm64, half* __restrict__ out, int N, int gs, int64_t ldq,
                       int64_t lds)
 {
+    pdl_wait();
+    pdl_trigger();
     __shared__ half tile_s[64][128 + DQ_PAD];
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
@@ -324,9 +326,6 @@ q4_dequant_mma_kernel(const uint32_t* __restrict__ qweight, const half* __restri
         }
     }
     __syncthreads();
-    // The tile is built from weights alone; `out` may only be written once the kernel before has finished (PDL).
-    pdl_wait();
-    pdl_trigger();
     // 64 rows x 128 columns, 16 bytes a thread per pass
     for (int item = tid; item < 64 * 16; item += 256)
     {
