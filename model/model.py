@@ -109,8 +109,10 @@ class LlamaModel(nn.Module):
         o_proj from 13.6 to 7.7 us and down (with its SiLU prologue) from 17.3 to 15.1 us, but q|k|v and
         gate|up, whose RMSNorm prologue every block repeats, are 0.7-0.9 us slower than the CUDA-core kernel,
         and every SmolLM2-135M shape is slower."""
+        names = {n.strip() for n in self.runtime.mma_layers.split(",")}
         for layer in self.layers:
-            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            cands = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
+            for lin in (cands[n] for n in ("o_proj", "down_proj") if n in names):
                 if lin.quantized and lin.in_features * lin.out_features >= self.MMA_MIN_WEIGHTS \
                         and self.ops.kernels_for(lin.qweight):
                     lin.use_mma_layout()

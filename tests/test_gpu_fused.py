@@ -73,7 +73,9 @@ def test_every_layer_in_mma_layout_matches_row_layout(models, tmp_path):
             pos = torch.tensor([c.length], device="cuda")
             outs.append(m.decode_static(ids[:, t:t + 1], c, pos, 64)[0, -1].float())
             c.length += 1
-        assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 5e-3, t
+        # the tensor-core GEMV sums in fp32, the row-layout one four fp16 products a lane first (half2): their
+        # logits differ by up to ~5e-3 a step; a layout error would be O(1)
+        assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 1e-2, t
 
 
 def test_embedding_table_in_host_memory(models, tmp_path):

@@ -106,9 +106,10 @@ __device__ __forceinline__ void q4_row(const uint4& w, const float* xs, int kc, 
 // H variant (M = 1): the same product with half2 arithmetic, ~2.4 instead of ~3.1 instructions a weight
 // (the kernel is partly issue-bound on an H100: ncu shows math-pipe throttle and not-selected stalls).
 // One LOP3 takes two nibbles 16 bits apart, (w >> 4j) & 0x000F000F | 0x6400 6400, into the fp16 pair
-// (1024 + q_j, 1024 + q_j+4); one HSUB2 makes them exact q; four HFMA2 multiply them with the staged fp16
-// pairs (x_j, x_j+4) (x is fp16 already, as the separate kernels store it). The 8 products of a column
-// are summed in fp16 (4 terms a lane), then in fp32 from there on.
+// (1024 + q_j, 1024 + q_j+4); one HSUB2 of 1032 makes them exact q - 8 (centred: the fp16 partial sums stay
+// small and unbiased; the group fold adds the 8 back through the offset, o + 8 s); four HFMA2 multiply them
+// with the staged fp16 pairs (x_j, x_j+4) (x is fp16 already, as the separate kernels store it). The 8
+// products of a column are summed in fp16 (4 terms a lane), then in fp32 from there on.
 __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r, float (&accq)[1][4])
 {
     const uint4 xr = *reinterpret_cast<const uint4*>(xs + r * 8);
@@ -116,7 +117,7 @@ __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r,
     const half2 x1 = *reinterpret_cast<const half2*>(&xr.y);
     const half2 x2 = *reinterpret_cast<const half2*>(&xr.z);
     const half2 x3 = *reinterpret_cast<const half2*>(&xr.w);
-    const half2 k1024 = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));
+    const half2 k1032 = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));
     const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
     #pragma unroll
     for (int c = 0; c < 4; ++c)
@@ -126,10 +127,10 @@ __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r,
         const uint32_t t1 = ((v >> 4) & 0x000F000Fu) | 0x64006400u;
         const uint32_t t2 = ((v >> 8) & 0x000F000Fu) | 0x64006400u;
         const uint32_t t3 = ((v >> 12) & 0x000F000Fu) | 0x64006400u;
-        const half2 q0 = __hsub2(*reinterpret_cast<const half2*>(&t0), k1024);
-        const half2 q1 = __hsub2(*reinterpret_cast<const half2*>(&t1), k1024);
-        const half2 q2 = __hsub2(*reinterpret_cast<const half2*>(&t2), k1024);
-        const half2 q3 = __hsub2(*reinterpret_cast<const half2*>(&t3), k1024);
+        const half2 q0 = __hsub2(*reinterpret_cast<const half2*>(&t0), k1032);
+        const half2 q1 = __hsub2(*reinterpret_cast<const half2*>(&t1), k1032);
+        const half2 q2 = __hsub2(*reinterpret_cast<const half2*>(&t2), k1032);
+        const half2 q3 = __hsub2(*reinterpret_cast<const half2*>(&t3), k1032);
         half2 a = __hmul2(x0, q0);
         a = __hfma2(x1, q1, a);
         a = __hfma2(x2, q2, a);
@@ -205,7 +206,16 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     float o4[4] = {0.f, 0.f, 0.f, 0.f};
     int g = i0 / a.gpr;
     int cnt = i0 - g * a.gpr;
-    if (col_ok && n > 0) load_so(a, g, n0, s4, o4);
+    // A group's scales and offsets; the half2 rows hold q - 8, so their offset is o + 8 s.
+    auto load_group = [&](int grp) {
+        load_so(a, grp, n0, s4, o4);
+        if constexpr (H)
+        {
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) o4[c] = fmaf(8.0f, s4[c], o4[c]);
+        }
+    };
+    if (col_ok && n > 0) load_group(g);
 
     pdl_wait();                               // x, residual, out, workspace: only from here on
 
@@ -276,7 +286,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
             }
             cnt = 0;
             ++g;
-            if (col_ok && more && g < a.groups) load_so(a, g, n0, s4, o4);
+            if (col_ok && more && g < a.groups) load_group(g);
         }
     };
 
