@@ -103,12 +103,14 @@ class LlamaModel(nn.Module):
     MMA_MIN_WEIGHTS = 8 << 20
 
     def _use_mma_layout(self):
-        """o_proj and down_proj (>= MMA_MIN_WEIGHTS) go into the tensor-core GEMV's layout, in place.
+        """The projections RuntimeConfig.mma_layers names (o_proj by default; >= MMA_MIN_WEIGHTS) go into the
+        tensor-core GEMV's layout, in place.
 
-        Measured on an H100 (docs/performance.md, "Session 3"): on 7B shapes the tensor-core kernel takes
-        o_proj from 13.6 to 7.7 us and down (with its SiLU prologue) from 17.3 to 15.1 us, but q|k|v and
-        gate|up, whose RMSNorm prologue every block repeats, are 0.7-0.9 us slower than the CUDA-core kernel,
-        and every SmolLM2-135M shape is slower."""
+        Measured on an H100 (docs/performance.md, sessions 3 and 5): on 7B shapes the tensor-core kernel takes
+        o_proj from 11.4 us (CUDA cores, half2 products) to 7.7 us; down was faster there too until the CUDA-core
+        kernel's half2 products (14.6 against 15.3 us with the SiLU prologue; the model 447 / 397 t/s with o_proj
+        alone against 438 / 390 with both). q|k|v and gate|up, whose RMSNorm prologue every block repeats, and
+        every SmolLM2-135M shape are slower on the tensor cores."""
         names = {n.strip() for n in self.runtime.mma_layers.split(",")}
         for layer in self.layers:
             cands = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
