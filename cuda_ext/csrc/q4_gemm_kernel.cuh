@@ -103,13 +103,15 @@ __device__ __forceinline__ void q4_row(const uint4& w, const float* xs, int kc, 
     }
 }
 
-// H variant (M = 1): the same product with half2 arithmetic, ~2.4 instead of ~3.1 instructions a weight
+// H variant (M = 1): the same product with half2 arithmetic, ~2.1 instead of ~3.1 instructions a weight
 // (the kernel is partly issue-bound on an H100: ncu shows math-pipe throttle and not-selected stalls).
-// One LOP3 takes two nibbles 16 bits apart, (w >> 4j) & 0x000F000F | 0x6400 6400, into the fp16 pair
-// (1024 + q_j, 1024 + q_j+4); one HSUB2 of 1032 makes them exact q - 8 (centred: the fp16 partial sums stay
-// small and unbiased; the group fold adds the 8 back through the offset, o + 8 s); four HFMA2 multiply them
-// with the staged fp16 pairs (x_j, x_j+4) (x is fp16 already, as the separate kernels store it). The 8
-// products of a column are summed in fp16 (4 terms a lane), then in fp32 from there on.
+// One LOP3 takes two nibbles 16 bits apart into an fp16 pair under the exponent of 1024: nibbles (0, 4) from
+// w & 0x000F000F give 1024 + q; nibbles (1, 5) from w & 0x00F000F0 give 1024 + 16 q (no shift); the same two
+// masks on w >> 8 give (2, 6) and (3, 7). One HSUB2 of 1032 (or 1152 = 1024 + 16 * 8) makes them exact q - 8
+// (or 16 (q - 8)): centred, so the fp16 partial sums stay small and unbiased, and the group fold adds the 8
+// back through the offset (o + 8 s). Four HFMA2 multiply them with the staged fp16 pairs (x_j, x_j+4), the
+// odd ones staged as x / 16 (exact); the 8 products of a column are summed in fp16 (4 terms a lane), then in
+// fp32 from there on. x is fp16 already, as the separate kernels store it.
 __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r, float (&accq)[1][4])
 {
     const uint4 xr = *reinterpret_cast<const uint4*>(xs + r * 8);
@@ -118,19 +120,21 @@ __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r,
     const half2 x2 = *reinterpret_cast<const half2*>(&xr.z);
     const half2 x3 = *reinterpret_cast<const half2*>(&xr.w);
     const half2 k1032 = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));
+    const half2 k1152 = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));
     const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
     #pragma unroll
     for (int c = 0; c < 4; ++c)
     {
         const uint32_t v = wv[c];
+        const uint32_t u = v >> 8;
         const uint32_t t0 = (v & 0x000F000Fu) | 0x64006400u;
-        const uint32_t t1 = ((v >> 4) & 0x000F000Fu) | 0x64006400u;
-        const uint32_t t2 = ((v >> 8) & 0x000F000Fu) | 0x64006400u;
-        const uint32_t t3 = ((v >> 12) & 0x000F000Fu) | 0x64006400u;
+        const uint32_t t1 = (v & 0x00F000F0u) | 0x64006400u;
+        const uint32_t t2 = (u & 0x000F000Fu) | 0x64006400u;
+        const uint32_t t3 = (u & 0x00F000F0u) | 0x64006400u;
         const half2 q0 = __hsub2(*reinterpret_cast<const half2*>(&t0), k1032);
-        const half2 q1 = __hsub2(*reinterpret_cast<const half2*>(&t1), k1032);
+        const half2 q1 = __hsub2(*reinterpret_cast<const half2*>(&t1), k1152);
         const half2 q2 = __hsub2(*reinterpret_cast<const half2*>(&t2), k1032);
-        const half2 q3 = __hsub2(*reinterpret_cast<const half2*>(&t3), k1032);
+        const half2 q3 = __hsub2(*reinterpret_cast<const half2*>(&t3), k1152);
         half2 a = __hmul2(x0, q0);
         a = __hfma2(x1, q1, a);
         a = __hfma2(x2, q2, a);
@@ -239,8 +243,8 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         if constexpr (H)
         {
             uint4 pairs;
-            const half2 p0 = __floats2half2_rn(v[0], v[4]), p1 = __floats2half2_rn(v[1], v[5]);
-            const half2 p2 = __floats2half2_rn(v[2], v[6]), p3 = __floats2half2_rn(v[3], v[7]);
+            const half2 p0 = __floats2half2_rn(v[0], v[4]), p1 = __floats2half2_rn(v[1] / 16.f, v[5] / 16.f);
+            const half2 p2 = __floats2half2_rn(v[2], v[6]), p3 = __floats2half2_rn(v[3] / 16.f, v[7] / 16.f);
             pairs.x = *reinterpret_cast<const uint32_t*>(&p0);
             pairs.y = *reinterpret_cast<const uint32_t*>(&p1);
             pairs.z = *reinterpret_cast<const uint32_t*>(&p2);
