@@ -17,7 +17,7 @@ struct Variant
 // S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched).
 // MINB: blocks per multiprocessor the register budget is set for. Entry 0 is the default: on an
 // H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8, and at M = 1
-// the half2 products ("reg4h", ~2.4 instructions a weight) beat the fp32 ones ("reg4", ~3.1) by 12-19%.
+// the half2 products ("reg4h", ~2.1 instructions a weight) beat the fp32 ones ("reg4", ~3.1) by 18-22%.
 const Variant kVariantsM1[] = {{4, 0, 3, "reg4h"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}, {4, 0, 3, "reg4"}};
 const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
 
