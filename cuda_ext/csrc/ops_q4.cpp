@@ -142,6 +142,43 @@ int resolve_pdl(int64_t pdl, int device, int64_t K, int64_t N)
     return pdl >= 0 ? (int)pdl : (pdl_auto(device) ? pdl_mode_default((double)K * N / 2) : 0);
 }
 
+// What the two dequantizing wrappers share: the checked weights (column slices allowed), their data and
+// act-order pointers, and the launcher of their layout.
+struct DequantSource
+{
+    int64_t K = 0, N = 0, groups = 0, ldq = 0, lds = 0;
+    const uint32_t* qweight = nullptr;
+    const half* scales = nullptr;
+    const half* offsets = nullptr;
+    const int32_t* perm32 = nullptr;
+    const int64_t* perm64 = nullptr;
+    decltype(&q4_dequant_launch) launch = nullptr;
+
+    // Dequantize columns [c0, c0 + n) into out [K, n].
+    cudaError_t run(int64_t c0, int64_t n, half* out, bool pdl, cudaStream_t stream) const
+    {
+        return launch(qweight + c0, scales + c0, offsets + c0, perm32, perm64, out, (int)K, (int)n, (int)groups,
+                      ldq, lds, pdl, stream);
+    }
+};
+
+DequantSource dequant_source(const char* who, const torch::Tensor& qweight, const torch::Tensor& scales,
+                             const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm, bool mma)
+{
+    DequantSource d;
+    check_q4_weights(qweight, scales, offsets, perm, d.K, d.N, d.groups, /*row_strided=*/true);
+    EXL_CHECK(!mma || q4_mma_supported((int)d.K, (int)d.N, (int)d.groups), who, ": K=", d.K, " N=", d.N,
+              " groups=", d.groups, " has no mma layout (K % 64, N % 16, group size 32 or a multiple of 64)");
+    d.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+    d.scales = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
+    d.offsets = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
+    perm_ptrs(perm, d.perm32, d.perm64);
+    d.ldq = qweight.stride(0);
+    d.lds = scales.stride(0);
+    d.launch = mma ? q4_dequant_mma_launch : q4_dequant_launch;
+    return d;
+}
+
 }  // namespace
 
 void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
@@ -260,27 +297,17 @@ int64_t q4_gemm_num_variants_py(int64_t M) { return q4_gemm_num_variants((int)M)
 void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& offsets,
                 const std::optional<torch::Tensor>& perm, torch::Tensor& out, bool mma)
 {
-    int64_t K, N, groups;
-    check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
-    EXL_CHECK(!mma || q4_mma_supported((int)K, (int)N, (int)groups), "q4_dequant: K=", K, " N=", N, " groups=",
-              groups, " has no mma layout (K % 64, N % 16, group size 32 or a multiple of 64)");
+    const DequantSource d = dequant_source("q4_dequant", qweight, scales, offsets, perm, mma);
     EXL_CHECK_DTYPE(out, torch::kFloat16);
     EXL_CHECK_CONTIG(out);
     EXL_CHECK_SAME_DEVICE(out, qweight);
     EXL_CHECK_ALIGNED(out, 8);
-    EXL_CHECK(out.dim() == 2 && out.size(0) == K && out.size(1) == N,
-                "out must have shape [", K, ", ", N, "] (got ", out.sizes(), ")");
+    EXL_CHECK(out.dim() == 2 && out.size(0) == d.K && out.size(1) == d.N,
+                "out must have shape [", d.K, ", ", d.N, "] (got ", out.sizes(), ")");
 
     const c10::cuda::CUDAGuard guard(qweight.device());
-    const int32_t* p32;
-    const int64_t* p64;
-    perm_ptrs(perm, p32, p64);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    C10_CUDA_CHECK((mma ? q4_dequant_mma_launch : q4_dequant_launch)(reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                                     reinterpret_cast<const half*>(scales.data_ptr<at::Half>()),
-                                     reinterpret_cast<const half*>(offsets.data_ptr<at::Half>()), p32, p64,
-                                     reinterpret_cast<half*>(out.data_ptr<at::Half>()), (int)K, (int)N, (int)groups,
-                                     qweight.stride(0), scales.stride(0), pdl_auto(qweight.device().index()), stream));
+    C10_CUDA_CHECK(d.run(0, d.N, reinterpret_cast<half*>(out.data_ptr<at::Half>()), pdl_auto(qweight.device().index()),
+                         c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -305,10 +332,8 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                       torch::Tensor& out, bool mma, int64_t slice_bytes)
 {
-    int64_t K, N, groups;
-    check_q4_weights(qweight, scales, offsets, perm, K, N, groups, /*row_strided=*/true);
-    EXL_CHECK(!mma || q4_mma_supported((int)K, (int)N, (int)groups), "q4_matmul_prompt: K=", K, " N=", N,
-              " has no mma layout");
+    const DequantSource d = dequant_source("q4_matmul_prompt", qweight, scales, offsets, perm, mma);
+    const int64_t K = d.K, N = d.N;
     EXL_CHECK_DTYPE(x, torch::kFloat16);
     EXL_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, K=", K, "] (got ", x.sizes(), ")");
     EXL_CHECK_SAME_DEVICE(x, qweight);
@@ -336,21 +361,12 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
 
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
     const torch::Tensor buf = torch::empty({K * width}, x.options());
-    const int32_t* p32;
-    const int64_t* p64;
-    perm_ptrs(perm, p32, p64);
-    auto dequant = mma ? q4_dequant_mma_launch : q4_dequant_launch;
-    const uint32_t* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
-    const half* sc = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
-    const half* of = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
 
     // One slice: the weights dequantized into the buffer, then out[:, c0:c1] by cuBLAS.
     for (int i = 0; i < nslices; ++i)
     {
         const int64_t c0 = i * width, w = std::min(width, N - c0);
-        C10_CUDA_CHECK(dequant(qw + c0, sc + c0, of + c0, p32, p64,
-                               reinterpret_cast<half*>(buf.data_ptr<at::Half>()), (int)K, (int)w, (int)groups,
-                               qweight.stride(0), scales.stride(0), false, stream));
+        C10_CUDA_CHECK(d.run(c0, w, reinterpret_cast<half*>(buf.data_ptr<at::Half>()), false, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const torch::Tensor wt = buf.narrow(0, 0, K * w).view({K, w});
         torch::Tensor part = out.narrow(1, c0, w);
