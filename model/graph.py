@@ -67,7 +67,7 @@ class GraphDecoder:
         key = (seg, kv_len, lora, padded, greedy)
         if key not in self.graphs:
             dev = self.segs[seg][0]
-            ids = self.ids.clone()      # a greedy warm-up overwrites the input with its pick
+            ids = self.ids.clone() if greedy else None      # a greedy warm-up overwrites the input with its pick
             with torch.cuda.device(dev):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -83,7 +83,8 @@ class GraphDecoder:
                 # device that captured, and a later device's kernels would run uncaptured
                 with torch.cuda.graph(g, pool=self.pools[dev], stream=stream):
                     out = self._step(seg, kv_len, lora, padded, greedy)
-            self.ids.copy_(ids)
+            if ids is not None:
+                self.ids.copy_(ids)
             self._pos_held[seg] = None
             self.graphs[key] = (g, out)
         return self.graphs[key]

@@ -113,9 +113,8 @@ class LlamaModel(nn.Module):
         every SmolLM2-135M shape are slower on the tensor cores."""
         names = {n.strip() for n in self.runtime.mma_layers.split(",")}
         for layer in self.layers:
-            cands = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
-            for lin in (cands[n] for n in ("o_proj", "down_proj") if n in names):
-                if lin.quantized and lin.in_features * lin.out_features >= self.MMA_MIN_WEIGHTS \
+            for name, lin in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+                if name in names and lin.quantized and lin.in_features * lin.out_features >= self.MMA_MIN_WEIGHTS \
                         and self.ops.kernels_for(lin.qweight):
                     lin.use_mma_layout()
 

@@ -105,7 +105,7 @@ def timeline(prof, steps: int, rows: int):
     """Idle time between the profiled kernels: span, busy (union of kernel intervals), the largest gaps."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        trace = json.loads(Path(f.name).read_text())
     ks = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     if not ks:
         print("no kernel events in the trace")
