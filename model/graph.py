@@ -5,8 +5,8 @@ GPUs. A captured step reads its token and position from static device buffers, w
 cache at that position, attends over a fixed number of keys, masked past the position, and
 advances the position itself; a greedy step (`GraphDecoder.greedy`) also picks the next token
 and writes it into the token buffer, so consecutive greedy steps need nothing from the host.
-Buckets of key lengths (256 by default) keep short contexts from paying for the whole cache. On CPUs (or with graphs off) the same static step runs eagerly, so the logic
-is tested everywhere.
+Buckets of key lengths (256 by default) keep short contexts from paying for the whole cache. On
+CPUs (or with graphs off) the same static step runs eagerly, so the logic is tested everywhere.
 """
 from __future__ import annotations
 
