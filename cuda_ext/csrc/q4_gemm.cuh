@@ -59,6 +59,8 @@ cudaError_t q4_gemm_small_launch(const Q4GemmPlan& plan, const Q4GemmArgs& args,
 
 // Template entry points, instantiated in q4_gemm_m*.cu (compile units split for parallel builds).
 // S > 0: weights stream through a per-thread cp.async ring of S rows; S == 0: U rows in registers,
-// the next U prefetched. MINB: minimum resident blocks per multiprocessor (register cap). H: half2 products (M = 1).
-template <int M, int U, int S, int MINB, int H = 0>
+// the next U prefetched. MINB: minimum resident blocks per multiprocessor (register cap). P: how the
+// products are formed (q4_gemm_kernel.cuh): fp32, or at M = 1 half2 / 12-bit integers.
+enum Q4Product { kProdF32 = 0, kProdH2 = 1, kProdI16 = 2 };
+template <int M, int U, int S, int MINB, int P = kProdF32>
 cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream);

@@ -13,8 +13,9 @@
 //
 // q from a nibble without an int->float conversion: nibble j (j <= 4) of w sits at bit 4j, so
 // (w & 0xF << 4j) | exponent(2^(23-4j)) is the float 2^(23-4j) + q exactly; one LOP3 + one FADD.
-// Nibbles 5..7 use w >> 12 the same way. The M = 1 default (H, q4_row_h) decodes two nibbles a LOP3 into fp16
-// pairs and multiplies in half2 instead: fewer instructions, which is what limits this kernel on an H100.
+// Nibbles 5..7 use w >> 12 the same way. At M = 1, fewer instructions a weight pay (an H100 runs this kernel
+// partly issue-bound): P = kProdH2 (q4_row_h) decodes two nibbles a LOP3 into fp16 pairs and multiplies in half2;
+// P = kProdI16 (q4_row_i16) multiplies bytes of nibbles with 12-bit integer x by DP2A.
 //
 // Latency: the kernel is memory-bound and short, so the bytes in flight decide. Variant S > 0 streams
 // each thread's weights through a private shared-memory ring of S rows filled by cp.async (16 bytes
@@ -104,7 +105,7 @@ __device__ __forceinline__ void q4_row(const uint4& w, const float* xs, int kc, 
     }
 }
 
-// H variant (M = 1): the same product with half2 arithmetic, ~2.1 instead of ~3.1 instructions a weight
+// P = kProdH2 (M = 1): the same product with half2 arithmetic, ~2.1 instead of ~3.1 instructions a weight
 // (the kernel is partly issue-bound on an H100: ncu shows math-pipe throttle and not-selected stalls).
 // One LOP3 takes two nibbles 16 bits apart into an fp16 pair under the exponent of 1024: nibbles (0, 4) from
 // w & 0x000F000F give 1024 + q; nibbles (1, 5) from w & 0x00F000F0 give 1024 + 16 q (no shift); the same two
@@ -145,13 +146,73 @@ __device__ __forceinline__ void q4_row_h(const uint4& w, const float* xs, int r,
     }
 }
 
+// P == kProdI16 (M = 1): integer products, ~1 instruction a weight. x is staged per packed row as 12-bit
+// integers xi (|xi| <= 2047) with one fp32 scale a row (max |x| / 2047: 2^-12 of the row's largest value,
+// about fp16's resolution). Two LOP3 split a word into bytes q (nibbles 0, 2, 4, 6) and 16 q (nibbles 1, 3, 5, 7);
+// four DP2A (two int16 x two unsigned bytes, accumulated in int32) take them against x words staged as
+// (16 xi0, 16 xi2), (16 xi4, 16 xi6), (xi1, xi3), (xi5, xi7), so every product is 16 xi q, exact. The sum
+// starts at the bits of 1.5 * 2^23: |16 sum xi q| <= 16 * 8 * 2047 * 15 < 2^22, so the int32 read as a float
+// is 1.5 * 2^23 + 16 sum xi q exactly (no I2F, which is slow); one FADD removes the bias, one FFMA scales
+// by scale / 16 (staged that way) into the fp32 sum. q is not centred: the group fold's offset is o itself.
+__device__ __forceinline__ int dp2a_lo(uint32_t x16, uint32_t q8, int c)
+{
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16), "r"(q8), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ int dp2a_hi(uint32_t x16, uint32_t q8, int c)
+{
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16), "r"(q8), "r"(c));
+    return d;
+}
+
+constexpr int kI16Bias = 0x4B400000;          // 1.5 * 2^23 as a float
+constexpr float kI16BiasF = 12582912.0f;
+
+__device__ __forceinline__ void q4_row_i16(const uint4& w, const float* xs, int r, float (&accq)[1][4])
+{
+    const uint4 xr = *reinterpret_cast<const uint4*>(xs + r * 8);
+    const float sc = xs[r * 8 + 4];
+    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (int c = 0; c < 4; ++c)
+    {
+        const uint32_t lo = wv[c] & 0x0F0F0F0Fu;
+        const uint32_t hi = wv[c] & 0xF0F0F0F0u;
+        int d = dp2a_lo(xr.x, lo, kI16Bias);
+        d = dp2a_hi(xr.y, lo, d);
+        d = dp2a_lo(xr.z, hi, d);
+        d = dp2a_hi(xr.w, hi, d);
+        accq[0][c] = fmaf(sc, __int_as_float(d) - kI16BiasF, accq[0][c]);
+    }
+}
+
+// The staged form of one packed row's x for q4_row_i16 (see there): four words of int16 pairs and scale / 16.
+__device__ __forceinline__ void stage_i16(const float (&v)[8], float* dst)
+{
+    float amax = 0.f;
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    const float inv = amax > 0.f ? 2047.0f / amax : 0.f;   // inf rows: inv 0, scale inf, the sum turns NaN
+    int xi[8];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) xi[j] = __float2int_rn(v[j] * inv);
+    auto pack = [](int a, int b) { return ((uint32_t)a & 0xFFFFu) | ((uint32_t)b << 16); };
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(pack(16 * xi[0], 16 * xi[2]), pack(16 * xi[4], 16 * xi[6]), pack(xi[1], xi[3]), pack(xi[5], xi[7]));
+    dst[4] = amax * (1.0f / (2047.0f * 16.0f));
+}
+
 // Bytes of the cp.async ring in front of the x staging area.
 template <int S>
 __host__ __device__ constexpr int ring_bytes() { return S * Q4_THREADS * 16; }
 
-// M rows; S > 0: cp.async ring of S rows; S == 0: U rows in registers, next U prefetched. H: half2 rows (M = 1,
-// S = 0): the staging stores each packed row's x as the pairs q4_row_h reads, in the first 16 of its 32 bytes.
-template <int M, int U, int S, int MINB, int H>
+// M rows; S > 0: cp.async ring of S rows; S == 0: U rows in registers, next U prefetched. P: the product
+// (kProdF32, or at M = 1 with S = 0 kProdH2 / kProdI16, whose staging stores each packed row's x in the form
+// q4_row_h / q4_row_i16 reads, in the first 16 / 20 of its 32 bytes).
+template <int M, int U, int S, int MINB, int P>
 __global__ void __launch_bounds__(Q4_THREADS, MINB)
 q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split, const int rows_per_trow,
                      const int flags)
@@ -214,7 +275,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     // A group's scales and offsets; the half2 rows hold q - 8, so their offset is o + 8 s.
     auto load_group = [&](int grp) {
         load_so(a, grp, n0, s4, o4);
-        if constexpr (H)
+        if constexpr (P == kProdH2)
         {
             #pragma unroll
             for (int c = 0; c < 4; ++c) o4[c] = fmaf(8.0f, s4[c], o4[c]);
@@ -241,7 +302,11 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll
         for (int j = 0; j < 8; ++j) sum += v[j];
         float4* dst = reinterpret_cast<float4*>(xs + m * kc + r * 8);
-        if constexpr (H)
+        if constexpr (P == kProdI16)
+        {
+            stage_i16(v, xs + m * kc + r * 8);
+        }
+        else if constexpr (P == kProdH2)
         {
             uint4 pairs;
             const half2 p0 = __floats2half2_rn(v[0], v[4]), p1 = __floats2half2_rn(v[1] / 16.f, v[5] / 16.f);
@@ -328,7 +393,8 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
             {
                 if (j + u < n)
                 {
-                    if constexpr (H) q4_row_h(wa[u], xs, i0 + j + u - pb0, accq);
+                    if constexpr (P == kProdI16) q4_row_i16(wa[u], xs, i0 + j + u - pb0, accq);
+                    else if constexpr (P == kProdH2) q4_row_h(wa[u], xs, i0 + j + u - pb0, accq);
                     else q4_row<M>(wa[u], xs, kc, i0 + j + u - pb0, accq);
                     end_row(i0 + j + u, j + u + 1 < n);
                 }
@@ -383,11 +449,11 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
 }  // namespace q4k
 
-template <int M, int U, int S, int MINB, int H>
+template <int M, int U, int S, int MINB, int P>
 cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cudaStream_t stream)
 {
-    static_assert(!H || (M == 1 && S == 0), "the half2 rows are for M = 1 with registers");
-    auto kernel = q4k::q4_gemm_small_kernel<M, U, S, MINB, H>;
+    static_assert(P == kProdF32 || (M == 1 && S == 0), "the half2 and integer rows are for M = 1 with registers");
+    auto kernel = q4k::q4_gemm_small_kernel<M, U, S, MINB, P>;
     if (plan.smem_bytes > 48 * 1024)
     {
         // Raised per launch only when needed; cheap next to the kernel and safe while capturing.
@@ -398,5 +464,5 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
                          args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
 }
 
-#define Q4_INSTANTIATE(M, U, S, MINB, H) \
-    template cudaError_t q4_gemm_launch_t<M, U, S, MINB, H>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);
+#define Q4_INSTANTIATE(M, U, S, MINB, P) \
+    template cudaError_t q4_gemm_launch_t<M, U, S, MINB, P>(const Q4GemmPlan&, const Q4GemmArgs&, cudaStream_t);
