@@ -171,10 +171,12 @@ __device__ __forceinline__ int dp2a_hi(uint32_t x16, uint32_t q8, int c)
 constexpr int kI16Bias = 0x4B400000;          // 1.5 * 2^23 as a float
 constexpr float kI16BiasF = 12582912.0f;
 
-__device__ __forceinline__ void q4_row_i16(const uint4& w, const float* xs, int r, float (&accq)[1][4])
+__device__ __forceinline__ void q4_row_i16(const uint4& w, const float* xrow, float (&accq)[1][4], float& xsum)
 {
-    const uint4 xr = *reinterpret_cast<const uint4*>(xs + r * 8);
-    const float sc = xs[r * 8 + 4];
+    const uint4 xr = *reinterpret_cast<const uint4*>(xrow);
+    const float2 sx = *reinterpret_cast<const float2*>(xrow + 4);   // scale / 16, sum of the row's x
+    const float sc = sx.x;
+    xsum += sx.y;
     const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
     #pragma unroll
     for (int c = 0; c < 4; ++c)
@@ -189,8 +191,9 @@ __device__ __forceinline__ void q4_row_i16(const uint4& w, const float* xs, int 
     }
 }
 
-// The staged form of one packed row's x for q4_row_i16 (see there): four words of int16 pairs and scale / 16.
-__device__ __forceinline__ void stage_i16(const float (&v)[8], float* dst)
+// The staged form of one packed row's x for q4_row_i16 (see there): four words of int16 pairs, scale / 16, and
+// the fp32 sum of the row's x (for the offsets; a NaN in x reaches the output through it).
+__device__ __forceinline__ void stage_i16(const float (&v)[8], float sum, float* dst)
 {
     float amax = 0.f;
     #pragma unroll
@@ -203,6 +206,7 @@ __device__ __forceinline__ void stage_i16(const float (&v)[8], float* dst)
     *reinterpret_cast<uint4*>(dst) =
         make_uint4(pack(16 * xi[0], 16 * xi[2]), pack(16 * xi[4], 16 * xi[6]), pack(xi[1], xi[3]), pack(xi[5], xi[7]));
     dst[4] = amax * (1.0f / (2047.0f * 16.0f));
+    dst[5] = sum;
 }
 
 // Bytes of the cp.async ring in front of the x staging area.
@@ -304,7 +308,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         float4* dst = reinterpret_cast<float4*>(xs + m * kc + r * 8);
         if constexpr (P == kProdI16)
         {
-            stage_i16(v, xs + m * kc + r * 8);
+            stage_i16(v, sum, xs + m * kc + r * 8);
         }
         else if constexpr (P == kProdH2)
         {
@@ -337,27 +341,28 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         for (int c = 0; c < 4; ++c) { acc[m][c] = 0.f; accq[m][c] = 0.f; }
     }
 
-    // After each row: count it into its group; at the group's end fold in scale and offset.
+    // At a group's end: fold in scale and offset, load the next group's.
+    auto end_group = [&](bool more) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m)
+        {
+            #pragma unroll
+            for (int c = 0; c < 4; ++c)
+            {
+                acc[m][c] = fmaf(s4[c], accq[m][c], fmaf(o4[c], xsum[m], acc[m][c]));
+                accq[m][c] = 0.f;
+            }
+            xsum[m] = 0.f;
+        }
+        cnt = 0;
+        ++g;
+        if (col_ok && more && g < a.groups) load_group(g);
+    };
+    // After each row: count it into its group.
     auto end_row = [&](int row_abs, bool more) {
         #pragma unroll
         for (int m = 0; m < M; ++m) xsum[m] += xs8[m * rows_per_split + row_abs - pb0];
-        if (++cnt == a.gpr)
-        {
-            #pragma unroll
-            for (int m = 0; m < M; ++m)
-            {
-                #pragma unroll
-                for (int c = 0; c < 4; ++c)
-                {
-                    acc[m][c] = fmaf(s4[c], accq[m][c], fmaf(o4[c], xsum[m], acc[m][c]));
-                    accq[m][c] = 0.f;
-                }
-                xsum[m] = 0.f;
-            }
-            cnt = 0;
-            ++g;
-            if (col_ok && more && g < a.groups) load_group(g);
-        }
+        if (++cnt == a.gpr) end_group(more);
     };
 
     if constexpr (S > 0)
@@ -378,6 +383,9 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     }
     else
     {
+        // Integer rows whose groups split into whole batches (the usual case): the group check once a batch.
+        const bool batch_groups = P == kProdI16 && a.gpr % U == 0 && cnt % U == 0;
+        const float* xrow = xs + (i0 - pb0) * 8;
         #pragma unroll 1
         for (int j = 0; j < n; j += U)
         {
@@ -388,15 +396,39 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
                 const int jj = j + U + u;
                 wb[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
             }
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
+            if constexpr (P == kProdI16)
             {
-                if (j + u < n)
+                if (batch_groups && j + U <= n)
                 {
-                    if constexpr (P == kProdI16) q4_row_i16(wa[u], xs, i0 + j + u - pb0, accq);
-                    else if constexpr (P == kProdH2) q4_row_h(wa[u], xs, i0 + j + u - pb0, accq);
-                    else q4_row<M>(wa[u], xs, kc, i0 + j + u - pb0, accq);
-                    end_row(i0 + j + u, j + u + 1 < n);
+                    #pragma unroll
+                    for (int u = 0; u < U; ++u) q4_row_i16(wa[u], xrow + (j + u) * 8, accq, xsum[0]);
+                    cnt += U;
+                    if (cnt == a.gpr) end_group(j + U < n);
+                }
+                else
+                {
+                    #pragma unroll
+                    for (int u = 0; u < U; ++u)
+                    {
+                        if (j + u < n)
+                        {
+                            q4_row_i16(wa[u], xrow + (j + u) * 8, accq, xsum[0]);
+                            if (++cnt == a.gpr) end_group(j + u + 1 < n);
+                        }
+                    }
+                }
+            }
+            else
+            {
+                #pragma unroll
+                for (int u = 0; u < U; ++u)
+                {
+                    if (j + u < n)
+                    {
+                        if constexpr (P == kProdH2) q4_row_h(wa[u], xs, i0 + j + u - pb0, accq);
+                        else q4_row<M>(wa[u], xs, kc, i0 + j + u - pb0, accq);
+                        end_row(i0 + j + u, j + u + 1 < n);
+                    }
                 }
             }
             #pragma unroll
