@@ -257,19 +257,18 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      kv_len: int, pad: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                     splits: int = 0, rope: tuple | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     splits: int = 0, rope: tuple | None = None) -> torch.Tensor:
     """Single-query attention: q [B, 1, H, D] over cache keys j < kv_len with pad[b] <= j <= pos[0]
     (GQA: query head h reads kv head h // (H / Hkv)); softmax in fp32. Returns [B, 1, H, D] fp16.
 
     rope = (k, v, cos, sin): first do rope_kv_write's work in the same launch at rotary position
     pos[0] - pad[b] (clamped at 0), the model's (q unrotated; k / v [B, 1, Hkv, D] the new token's, stored
-    at pos[0]). q is not modified. prefetch: a contiguous tensor on q's device (the next projection's weights)
-    that the blocks pull into L2 while they run, which leaves DRAM idle otherwise at short contexts."""
+    at pos[0]). q is not modified."""
     B, _, H, D = q.shape
     if out is None:
         out = torch.empty((B, 1, H, D), dtype=torch.float16, device=q.device)
     k, v, cos, sin = rope if rope is not None else (None,) * 4
-    _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits), k, v, cos, sin, prefetch)
+    _ext().decode_attention(q, k_cache, v_cache, pos, pad, int(kv_len), out, int(splits), k, v, cos, sin)
     return out
 
 

@@ -46,9 +46,8 @@ class Attention(nn.Module):
         if isinstance(start, StaticPos) and start.fused and T == 1 and cache is not None:
             # Static decode step: rotary, KV write and single-query attention over the cache in one kernel.
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            # o_proj's 4-bit weights go to L2 while the attention (short of DRAM work) runs
             o = self.ops.rope_decode_attention(q, k, v, rope.cos, rope.sin, pos, start.pos, kc, vc, start.kv_len,
-                                               start.pad, prefetch=self.o_proj.qweight)
+                                               start.pad)
             return self.o_proj(o.reshape(B, T, -1), lora, residual, residual_inplace=residual_inplace)
         if cache is not None and not isinstance(start, StaticPos):
             # Prompt with a cache: rotary of q and k and the cache write in one kernel on GPUs; attention

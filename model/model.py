@@ -50,7 +50,7 @@ class LlamaModel(nn.Module):
         self.cfg, self.runtime = cfg, runtime
         self.ops = Ops(use_kernels=not runtime.force_reference, fused_decode=runtime.fused_decode,
                        fused_gemv=runtime.fused_gemv, rope_in_attention=runtime.rope_in_attention,
-                       dense_gemv=runtime.dense_gemv, l2_prefetch=runtime.l2_prefetch)
+                       dense_gemv=runtime.dense_gemv)
         self.device = runtime.torch_device()          # embeddings and the first layers
         self.dtype = runtime.torch_dtype()
         self.embed_tokens: torch.Tensor | None = None   # [V, D], dense

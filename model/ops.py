@@ -81,16 +81,14 @@ class Ops:
     fused_decode: the static decode step uses rope_kv_write + decode_attention instead of
     rotary + index_copy_ + SDPA with a mask; fused_gemv: rms_norm (before q|k|v, gate|up, lm_head) and
     silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels;
-    rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV;
-    l2_prefetch: decode_attention pulls the next projection's weights into L2."""
+    rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV."""
 
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
-                 rope_in_attention: bool = True, dense_gemv: bool = True, l2_prefetch: bool = True):
+                 rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
         self.rope_in_attention, self.use_dense_gemv = rope_in_attention, dense_gemv
-        self.l2_prefetch = l2_prefetch
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""
@@ -143,18 +141,12 @@ class Ops:
             return kern.rope_kv_write(q, k, v, cos, sin, pos, slot, k_cache, v_cache)
         return rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=self.rotary)
 
-    def rope_decode_attention(self, q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache, kv_len, pad=None,
-                              prefetch=None):
+    def rope_decode_attention(self, q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache, kv_len, pad=None):
         """rope_kv_write then decode_attention (T = 1), in one kernel where it runs: [B, 1, H, D].
-        rope_pos must be the model's (pos - pad, clamped at 0): the kernel derives it. prefetch: the next
-        projection's weights, for the kernel to pull into L2 (a hint; l2_prefetch turns it off)."""
+        rope_pos must be the model's (pos - pad, clamped at 0): the kernel derives it."""
         kern = self.kernels_for(q)
         if kern and self.fused_decode and self.rope_in_attention and kern.decode_attention_supported(q, k_cache):
-            if not (self.l2_prefetch and prefetch is not None and prefetch.device == q.device
-                    and prefetch.is_contiguous() and prefetch.data_ptr() % 16 == 0):
-                prefetch = None
-            return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin),
-                                         prefetch=prefetch)
+            return kern.decode_attention(q, k_cache, v_cache, pos, kv_len, pad, rope=(k, v, cos, sin))
         q = self.rope_kv_write(q, k, v, cos, sin, rope_pos, pos, k_cache, v_cache)
         return self.decode_attention(q, k_cache, v_cache, pos, kv_len, pad)
 

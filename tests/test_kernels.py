@@ -784,29 +784,6 @@ def test_decode_attention(B, H, Hkv, D, kv_len, splits):
     assert rel_err(out, ref.float()) < ELEM_TOL
 
 
-@pytest.mark.parametrize("kv_len,splits", [(17, 0), (2048, 0), (256, 3)])
-def test_decode_attention_l2_prefetch_changes_nothing(kv_len, splits):
-    """prefetch (the next projection's weights, pulled into L2 by the blocks) is a hint: the output is
-    bit-identical with and without it, the prefetched tensor is untouched (sizes off 16 bytes included), and a
-    tensor the kernel could not read is refused."""
-    B, H, Hkv, D, S = 1, 32, 8, 128, 2048
-    kc = torch.randn(B, Hkv, S, D, device=DEV).half()
-    vc = torch.randn(B, Hkv, S, D, device=DEV).half()
-    q = torch.randn(B, 1, H, D, device=DEV).half()
-    pos = torch.tensor([kv_len - 1], device=DEV)
-    plain = ops.decode_attention(q, kc, vc, pos, kv_len, splits=splits)
-    for nbytes in (16, 1000003, 8 << 20):
-        w = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device=DEV)
-        before = w.clone()
-        out = ops.decode_attention(q, kc, vc, pos, kv_len, splits=splits, prefetch=w)
-        torch.cuda.synchronize()
-        assert torch.equal(out, plain) and torch.equal(w, before)
-    with pytest.raises(RuntimeError, match="prefetch"):
-        ops.decode_attention(q, kc, vc, pos, kv_len, prefetch=torch.zeros(64, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match="contiguous"):
-        ops.decode_attention(q, kc, vc, pos, kv_len, prefetch=torch.zeros(64, 2, device=DEV).t())
-
-
 def test_decode_attention_cuda_graph_moving_position():
     B, H, Hkv, D, S, kv_len = 1, 9, 3, 64, 1024, 768
     kc = torch.randn(B, Hkv, S, D, device=DEV).half()

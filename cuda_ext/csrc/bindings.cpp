@@ -59,11 +59,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("v_cache"));
     m.def("decode_attention", &decode_attention,
           "single-query GQA attention over cache keys [pad[b], pos] within [0, kv_len); with k, v, cos and sin it "
-          "first does rope_kv_write's work at rotary position pos - pad[b] (q unrotated); prefetch: a tensor its blocks "
-          "pull into L2 meanwhile (the next projection's weights)", py::arg("q"),
+          "first does rope_kv_write's work at rotary position pos - pad[b] (q unrotated)", py::arg("q"),
           py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("pad"), py::arg("kv_len"), py::arg("out"),
           py::arg("splits") = 0, py::arg("k") = py::none(), py::arg("v") = py::none(), py::arg("cos") = py::none(),
-          py::arg("sin") = py::none(), py::arg("prefetch") = py::none());
+          py::arg("sin") = py::none());
     m.def("decode_attention_plan", &decode_attention_plan, "[splits, chunk, smem_bytes]", py::arg("B"),
           py::arg("Hkv"), py::arg("G"), py::arg("D"), py::arg("kv_len"), py::arg("device"), py::arg("splits") = 0);
 

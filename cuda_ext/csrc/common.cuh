@@ -46,25 +46,6 @@ __device__ __forceinline__ void pdl_trigger()
 #endif
 }
 
-// Pull [ptr, ptr + bytes) into L2 (a hint; sm_90 bulk prefetch, 4 KB a request): part `part` of `parts` equal
-// shares, spread over the block's threads. A kernel that leaves DRAM idle (single-token attention) fetches
-// the next kernel's weights this way, so that kernel reads them from L2. ptr 16-byte aligned.
-__device__ __forceinline__ void l2_prefetch_share(const void* ptr, long long bytes, int part, int parts)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const long long units = bytes >> 4;                   // 16-byte units; a ragged tail is left out
-    const long long per = (units + parts - 1) / parts;
-    const long long u0 = (long long)part * per;
-    const long long u1 = u0 + per < units ? u0 + per : units;
-    for (long long u = u0 + (long long)threadIdx.x * 256; u < u1; u += (long long)blockDim.x * 256)
-    {
-        const unsigned size = (unsigned)((u1 - u < 256 ? u1 - u : 256) * 16);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                     :: "l"(reinterpret_cast<const char*>(ptr) + u * 16), "r"(size) : "memory");
-    }
-#endif
-}
-
 // Launch with or without the PDL attribute (callers pass pdl = false on devices before sm_90).
 template <typename... KArgs, typename... Args>
 inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

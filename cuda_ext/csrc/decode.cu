@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* kc, half* vc, int S, int Hkv,
                    const int64_t* __restrict__ pos, const int64_t* __restrict__ pad, int kv_len, int chunk,
                    float scale_log2, half* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-                   const AttnRope rope, const L2Prefetch pf)
+                   const AttnRope rope)
 {
     constexpr int L = D / 8;
     constexpr int KPW = 32 / L;
@@ -222,7 +222,6 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     // previous kernel's tail under programmatic dependent launch: the block's first key and value rows are
     // in flight before q exists. Only row p (this step's token, written by the previous kernel or below)
     // waits.
-    if (pf.ptr) l2_prefetch_share(pf.ptr, pf.bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
     const int p = (int)pos[0];
     const int lo = pad ? (int)pad[b] : 0;
     const int hi = min(p + 1, kv_len);
@@ -532,8 +531,8 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 template <int D, int G>
 cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh, half* kc,
                         half* vc, int S, const int64_t* pos, const int64_t* pad, int B, int Hkv,
-                        int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, const L2Prefetch& pf,
-                        bool pdl, cudaStream_t stream)
+                        int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, bool pdl,
+                        cudaStream_t stream)
 {
     auto kernel = decode_attn_kernel<D, G>;
     if (plan.smem > 48 * 1024)
@@ -543,20 +542,20 @@ cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, 
     }
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
     return launch_kernel(kernel, dim3(B * Hkv, plan.splits), dim3(ATT_THREADS), plan.smem, stream, pdl, q, qsb, qsh,
-                         kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters, rope, pf);
+                         kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters, rope);
 }
 
 template <int D>
 cudaError_t launch_attn_g(int G, const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
                           half* kc, half* vc, int S, const int64_t* pos, const int64_t* pad, int B,
-                          int Hkv, int kv_len, half* out, float* ws, int* counters, const AttnRope& rope,
-                          const L2Prefetch& pf, bool pdl, cudaStream_t stream)
+                          int Hkv, int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, bool pdl,
+                          cudaStream_t stream)
 {
     switch (G)
     {
 #define ATT_CASE(g) \
         case g: return launch_attn<D, g>(plan, q, qsb, qsh, kc, vc, S, pos, pad, B, Hkv, kv_len, out, ws, counters, \
-                                         rope, pf, pdl, stream);
+                                         rope, pdl, stream);
         ATT_CASE(1) ATT_CASE(2) ATT_CASE(3) ATT_CASE(4) ATT_CASE(5) ATT_CASE(6) ATT_CASE(7) ATT_CASE(8)
 #undef ATT_CASE
         default: return cudaErrorInvalidValue;
@@ -599,15 +598,15 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
 cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
                                     half* k_cache, half* v_cache, int S, const int64_t* pos,
                                     const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
-                                    float* workspace, int* counters, const AttnRope& rope, const L2Prefetch& pf,
-                                    bool pdl, cudaStream_t stream)
+                                    float* workspace, int* counters, const AttnRope& rope, bool pdl,
+                                    cudaStream_t stream)
 {
     if (plan.splits <= 0) return cudaErrorInvalidValue;
     if (D == 64)
         return attn::launch_attn_g<64>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
-                                       workspace, counters, rope, pf, pdl, stream);
+                                       workspace, counters, rope, pdl, stream);
     if (D == 128)
         return attn::launch_attn_g<128>(G, plan, q, qsb, qsh, k_cache, v_cache, S, pos, pad, B, Hkv, kv_len, out,
-                                        workspace, counters, rope, pf, pdl, stream);
+                                        workspace, counters, rope, pdl, stream);
     return cudaErrorInvalidValue;
 }

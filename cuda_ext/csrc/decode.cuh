@@ -69,16 +69,8 @@ struct AttnRope
     int max_pos;
 };
 
-// Bytes for the attention's blocks to pull into L2 while they run (ptr == nullptr: none): the next
-// kernel's weights (see l2_prefetch_share).
-struct L2Prefetch
-{
-    const void* ptr;
-    long long bytes;
-};
-
 cudaError_t decode_attention_launch(const DecodeAttnPlan& plan, const half* q, int64_t qsb, int64_t qsh,
                                     half* k_cache, half* v_cache, int S, const int64_t* pos,
                                     const int64_t* pad, int B, int Hkv, int G, int D, int kv_len, half* out,
-                                    float* workspace, int* counters, const AttnRope& rope, const L2Prefetch& pf,
-                                    bool pdl, cudaStream_t stream);
+                                    float* workspace, int* counters, const AttnRope& rope, bool pdl,
+                                    cudaStream_t stream);

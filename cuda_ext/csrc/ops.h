@@ -45,7 +45,7 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
                       torch::Tensor& out, int64_t splits, const std::optional<torch::Tensor>& k,
                       const std::optional<torch::Tensor>& v, const std::optional<torch::Tensor>& cos,
-                      const std::optional<torch::Tensor>& sin, const std::optional<torch::Tensor>& prefetch);
+                      const std::optional<torch::Tensor>& sin);
 std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t kv_len,
                                            int64_t device, int64_t splits);
 

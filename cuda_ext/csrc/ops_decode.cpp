@@ -128,7 +128,7 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
                       const torch::Tensor& pos, const std::optional<torch::Tensor>& pad, int64_t kv_len,
                       torch::Tensor& out, int64_t splits, const std::optional<torch::Tensor>& k,
                       const std::optional<torch::Tensor>& v, const std::optional<torch::Tensor>& cos,
-                      const std::optional<torch::Tensor>& sin, const std::optional<torch::Tensor>& prefetch)
+                      const std::optional<torch::Tensor>& sin)
 {
     EXL_CHECK(q.dim() == 4, "q must be [B, 1, H, D] (got shape ", q.sizes(), ")");
     EXL_CHECK(k_cache.dim() == 4, "k_cache must be [B, Hkv, S, D] (got shape ", k_cache.sizes(), ")");
@@ -179,17 +179,6 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
         rope.max_pos = (int)cos->size(0);
     }
 
-    L2Prefetch pf{nullptr, 0};
-    if (prefetch.has_value())
-    {
-        // a hint only, but a wrong pointer would still fault: same device, 16-byte aligned, contiguous
-        EXL_CHECK(prefetch->is_cuda() && prefetch->device() == q.device(), "decode_attention: prefetch must be on q's device");
-        EXL_CHECK(prefetch->is_contiguous(), "decode_attention: prefetch must be contiguous");
-        EXL_CHECK(reinterpret_cast<uintptr_t>(prefetch->data_ptr()) % 16 == 0,
-                  "decode_attention: prefetch must be 16-byte aligned");
-        pf = {prefetch->data_ptr(), (long long)(prefetch->numel() * prefetch->element_size())};
-    }
-
     const c10::cuda::CUDAGuard guard(q.device());
     const int device = q.device().index();
     const DecodeAttnPlan plan = decode_attention_plan((int)B, (int)Hkv, (int)(H / Hkv), (int)D, (int)kv_len,
@@ -210,6 +199,6 @@ void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Ten
         reinterpret_cast<half*>(k_cache.data_ptr<at::Half>()), reinterpret_cast<half*>(v_cache.data_ptr<at::Half>()),
         (int)S, pos.data_ptr<int64_t>(), pad.has_value() ? pad->data_ptr<int64_t>() : nullptr, (int)B, (int)Hkv,
         (int)(H / Hkv), (int)D, (int)kv_len, reinterpret_cast<half*>(out.data_ptr<at::Half>()), ws, counters, rope,
-        pf, pdl_auto(device), stream));
+        pdl_auto(device), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
