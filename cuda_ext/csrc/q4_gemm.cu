@@ -60,6 +60,15 @@ size_t plan_smem(int M, int rows_per_split, int tn, int S)
 
 }  // namespace
 
+bool q4_deep_prefetch()
+{
+    static const bool on = [] {
+        const char* e = std::getenv("EXLLAMA_Q4_DEEP_PREFETCH");
+        return e && std::atoi(e) > 0;
+    }();
+    return on;
+}
+
 int q4_gemm_num_variants(int M)
 {
     return M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));

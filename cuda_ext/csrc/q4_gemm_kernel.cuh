@@ -256,6 +256,8 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
 
     // Weights and scales never change between kernels: fetch them before waiting on the previous kernel.
     uint4 wa[S > 0 ? 1 : U];
+    uint4 wb[S > 0 ? 1 : U];
+    const bool deep = S == 0 && (flags & kDeepPrefetch);   // the second batch too, before the wait
     if constexpr (S > 0)
     {
         #pragma unroll
@@ -270,6 +272,12 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll
         for (int u = 0; u < U; ++u)
             wa[u] = (col_ok && u < n) ? load_w<1>(wp + (size_t)u * wstride, pol) : make_uint4(0, 0, 0, 0);
+        if (deep)
+        {
+            #pragma unroll
+            for (int u = 0; u < U; ++u)
+                wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
+        }
     }
 
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
@@ -389,12 +397,14 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll 1
         for (int j = 0; j < n; j += U)
         {
-            uint4 wb[U];
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
+            if (!(deep && j == 0))
             {
-                const int jj = j + U + u;
-                wb[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
+                #pragma unroll
+                for (int u = 0; u < U; ++u)
+                {
+                    const int jj = j + U + u;
+                    wb[u] = (col_ok && jj < n) ? load_w<1>(wp + (size_t)jj * wstride, pol) : make_uint4(0, 0, 0, 0);
+                }
             }
             if constexpr (P == kProdI16)
             {
@@ -493,7 +503,8 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
         if (err != cudaSuccess) return err;
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
-                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
+                         (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0));
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB, P) \
