@@ -69,15 +69,6 @@ bool q4_deep_prefetch()
     return on;
 }
 
-int q4_l2_ahead()
-{
-    static const int rows = [] {
-        const char* e = std::getenv("EXLLAMA_Q4_L2_AHEAD");
-        return e ? std::max(0, std::min(std::atoi(e), 1 << 20)) : 0;
-    }();
-    return rows;
-}
-
 int q4_gemm_num_variants(int M)
 {
     return M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));

@@ -54,8 +54,6 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
 
 // EXLLAMA_Q4_DEEP_PREFETCH=1: the row kernel loads two batches of weights before the PDL wait (A/B runs).
 bool q4_deep_prefetch();
-// EXLLAMA_Q4_L2_AHEAD=n: the row kernel also requests the n weight rows past those in registers into L2 (A/B runs).
-int q4_l2_ahead();
 
 int q4_gemm_num_variants(int M);
 const char* q4_gemm_variant_name(int M, int variant);

@@ -258,7 +258,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     uint4 wa[S > 0 ? 1 : U];
     uint4 wb[S > 0 ? 1 : U];
     const bool deep = S == 0 && (flags & kDeepPrefetch);   // the second batch too, before the wait
-    const int l2_ahead = S == 0 ? flags >> 8 : 0;             // rows past the registers' requested into L2
     if constexpr (S > 0)
     {
         #pragma unroll
@@ -279,8 +278,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
             for (int u = 0; u < U; ++u)
                 wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
         }
-        if (col_ok)
-            for (int r = 2 * U; r < min(n, 2 * U + l2_ahead); ++r) prefetch_l2(wp + (size_t)r * wstride);
     }
 
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
@@ -400,15 +397,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll 1
         for (int j = 0; j < n; j += U)
         {
-            if (l2_ahead > 0 && col_ok)
-            {
-                #pragma unroll
-                for (int u = 0; u < U; ++u)
-                {
-                    const int r = j + 2 * U + l2_ahead + u;
-                    if (r < n) prefetch_l2(wp + (size_t)r * wstride);
-                }
-            }
             if (!(deep && j == 0))
             {
                 #pragma unroll
@@ -516,8 +504,7 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
                          args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
-                         (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0) |
-                             (q4_l2_ahead() << 8));
+                         (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0));
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB, P) \
