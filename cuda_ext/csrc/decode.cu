@@ -333,15 +333,16 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 
     float* sc = sm;                                     // [G][chunk]
 
-    // Pass 1: scores (the first rows were loaded before the wait).
+    // Pass 1: scores (the first rows were loaded before the wait; each batch's loads are issued before the
+    // previous batch is used, so long chunks pay the memory latency once, not once a batch).
     for (int jb = j0; jb < e1; jb += KPB * UNR)
     {
         uint4 raw[UNR];
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
         {
-            const int j = jb + u * KPB + ki;
-            raw[u] = jb == j0 ? kraw[u] : key_row(kb, knew, j, e1, has_new ? p : -1, li, D);
+            raw[u] = kraw[u];
+            kraw[u] = key_row(kb, knew, jb + KPB * UNR + u * KPB + ki, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
@@ -400,8 +401,8 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
         {
-            const int j = jb + u * KPB + ki;
-            raw[u] = jb == j0 ? vraw[u] : key_row(vb, vnew, j, e1, has_new ? p : -1, li, D);
+            raw[u] = vraw[u];
+            vraw[u] = key_row(vb, vnew, jb + KPB * UNR + u * KPB + ki, e1, has_new ? p : -1, li, D);
         }
         #pragma unroll
         for (int u = 0; u < UNR; ++u)
