@@ -47,40 +47,21 @@ __device__ __forceinline__ void pdl_trigger()
 }
 
 // Launch with or without the PDL attribute (callers pass pdl = false on devices before sm_90).
-// cluster_y > 1: thread-block clusters of cluster_y blocks along y (sm_90+; grid.y a multiple of it).
 template <typename... KArgs, typename... Args>
-inline cudaError_t launch_kernel_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                    bool pdl, int cluster_y, Args&&... args)
+inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                 bool pdl, Args&&... args)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
-    int n = 0;
-    if (pdl)
-    {
-        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster_y > 1)
-    {
-        attr[n].id = cudaLaunchAttributeClusterDimension;
-        attr[n].val.clusterDim.x = 1;
-        attr[n].val.clusterDim.y = cluster_y;
-        attr[n++].val.clusterDim.z = 1;
-    }
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = n;
+    cfg.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... KArgs, typename... Args>
-inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                 bool pdl, Args&&... args)
-{
-    return launch_kernel_ex(kernel, grid, block, smem, stream, pdl, 1, std::forward<Args>(args)...);
 }
 
 // Rotate-half rotary of one pair (x1 = x[i], x2 = x[i + D/2]) in fp32 with explicit roundings (no FMA

@@ -5,8 +5,6 @@
 #include "q4_gemm.cuh"
 #include "common.cuh"
 
-#include <cooperative_groups.h>
-
 namespace q4k {
 
 __device__ __forceinline__ uint64_t evict_first_policy()
@@ -50,8 +48,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // Kernel flags (an int argument of both q4 GEMVs).
 constexpr int kEarlyTrigger = 1;   // release the next kernel (PDL) at the start, not after the main loop
-constexpr int kDeepPrefetch = 2;
-constexpr int kClusterReduce = 4;  // the splits of a column tile form a cluster and sum through shared memory   // row kernel: load two batches of weight rows before the PDL wait, not one
+constexpr int kDeepPrefetch = 2;   // row kernel: load two batches of weight rows before the PDL wait, not one
 
 // Fused RMSNorm: 1 / rms of each of the M rows of x over all K (every block needs the whole row;
 // rows are short, 2-16 KB). Writes norm_inv[m]; ends with a barrier.
@@ -126,12 +123,9 @@ __device__ __forceinline__ void store_out(const Q4GemmArgs& a, int m, int nn, fl
 // Block epilogue: red [nwarps][M][tn] holds each warp's partial sums for the block's tn columns
 // (tile `tile`). Sums the warps in order; one split: + bias + residual -> out. Split-K: partials to
 // the fp32 workspace, and the last block of the column tile sums the splits in split order
-// (deterministic, no float atomics) and stores. cluster (the splits of the tile launched as one
-// cluster, rank = split): each block keeps its sums in shared memory, and after a cluster barrier block r
-// sums the splits of its share of the columns from all blocks' shared memory, in split order - no
-// workspace round trip, fence or atomic. Starts after a barrier that made red visible.
-__device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, float* red, int nwarps, int M, int tn,
-                                            int tile, int split, int splits, bool cluster = false)
+// (deterministic, no float atomics) and stores. Starts after a barrier that made red visible.
+__device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* red, int nwarps, int M, int tn,
+                                            int tile, int split, int splits)
 {
     const int tid = threadIdx.x;
     const int N = a.N;
@@ -143,28 +137,6 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, float* red, int
             if (tile * tn + col < N) fn(m, col, tile * tn + col);
         }
     };
-    if (cluster && splits > 1)
-    {
-        namespace cg = cooperative_groups;
-        cg::cluster_group cl = cg::this_cluster();
-        for (int item = tid; item < M * tn; item += blockDim.x)
-        {
-            float v = 0.f;
-            for (int w = 0; w < nwarps; ++w) v += red[w * M * tn + item];
-            red[item] = v;                    // warp 0's slot: only this thread reads it
-        }
-        cl.sync();
-        const int share = (M * tn + splits - 1) / splits;
-        const int item = split * share + tid;
-        if (tid < share && item < M * tn && tile * tn + item % tn < N)
-        {
-            float v = 0.f;
-            for (int sp = 0; sp < splits; ++sp) v += cl.map_shared_rank(red, sp)[item];
-            store_out(a, item / tn, tile * tn + item % tn, v);
-        }
-        cl.sync();                            // no block leaves while another reads its shared memory
-        return;
-    }
     each_column([&](int m, int col, int nn) {
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];

@@ -69,15 +69,6 @@ bool q4_deep_prefetch()
     return on;
 }
 
-bool q4_cluster_reduce()
-{
-    static const bool on = [] {
-        const char* e = std::getenv("EXLLAMA_Q4_CLUSTER");
-        return e && std::atoi(e) > 0;
-    }();
-    return on;
-}
-
 int q4_gemm_num_variants(int M)
 {
     return M == 1 ? (int)(sizeof(kVariantsM1) / sizeof(Variant)) : (int)(sizeof(kVariantsMn) / sizeof(Variant));
@@ -165,8 +156,6 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
     p.tiles = tiles;
     p.smem_bytes = plan_smem(M, rps, tn, S);
     p.pdl = (cc_major >= 9 && pdl > 0) ? std::min(pdl, 2) : 0;
-    // Clusters (sm_90+) of up to 16 blocks (the non-portable maximum on an H100).
-    p.cluster = (cc_major >= 9 && splits > 1 && splits <= 16 && q4_cluster_reduce()) ? splits : 1;
     return p;
 }
 

@@ -23,8 +23,6 @@ struct Q4GemmPlan
     size_t smem_bytes;    // dynamic shared memory per block
     int pdl;              // programmatic dependent launch: 0 off; 1 on, next kernel released after the main
                           // loop; 2 on, released at the start (weights are always read before the wait)
-    int cluster;          // > 1: the splits of a column tile run as one thread-block cluster of this many
-                          // blocks and sum through distributed shared memory (no workspace); else 1
 };
 
 struct Q4GemmArgs
@@ -56,8 +54,6 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
 
 // EXLLAMA_Q4_DEEP_PREFETCH=1: the row kernel loads two batches of weights before the PDL wait (A/B runs).
 bool q4_deep_prefetch();
-// EXLLAMA_Q4_CLUSTER=1: split-K through thread-block clusters instead of the workspace (A/B runs).
-bool q4_cluster_reduce();
 
 int q4_gemm_num_variants(int M);
 const char* q4_gemm_variant_name(int M, int variant);

@@ -486,7 +486,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     }
     __syncthreads();
 
-    finish_tile(a, red, NWARPS, M, tn, tile, split, gridDim.y, flags & kClusterReduce);
+    finish_tile(a, red, NWARPS, M, tn, tile, split, gridDim.y);
 }
 
 }  // namespace q4k
@@ -502,15 +502,9 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem_bytes);
         if (err != cudaSuccess) return err;
     }
-    if (plan.cluster > 8)
-    {
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-        if (err != cudaSuccess) return err;
-    }
-    return launch_kernel_ex(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream,
-                            plan.pdl > 0, plan.cluster, args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
-                            (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0) |
-                                (plan.cluster > 1 ? q4k::kClusterReduce : 0));
+    return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
+                         (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0));
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB, P) \
