@@ -76,8 +76,7 @@ __device__ __forceinline__ void rows_norm_inv(const Q4GemmArgs& a, int M, int xs
 
 // The 8 inputs x[m, perm[k0 .. k0 + 7]] as the GEMV consumes them: gathered through perm, through the
 // fused prologue (rms_norm or silu(gate) * up) and rounded to fp16 exactly as the separate kernel
-// would have stored them, returned as fp32. norm_inv == nullptr with a norm: x * norm_w only, in fp32 (the
-// caller scales the result by 1 / rms instead).
+// would have stored them, returned as fp32.
 __device__ __forceinline__ void load_x8(const Q4GemmArgs& a, int m, int k0, int xstride, const float* norm_inv,
                                         float (&v)[8])
 {
@@ -95,12 +94,7 @@ __device__ __forceinline__ void load_x8(const Q4GemmArgs& a, int m, int k0, int 
     {
         h8_to_f(*reinterpret_cast<const uint4*>(xr + k0), v);
     }
-    if (a.norm_w && !norm_inv)
-    {
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] *= __ldg(a.norm_w + kidx[j]);
-    }
-    else if (a.norm_w)
+    if (a.norm_w)
     {
         const float inv = norm_inv[m];
         #pragma unroll
@@ -130,9 +124,8 @@ __device__ __forceinline__ void store_out(const Q4GemmArgs& a, int m, int nn, fl
 // (tile `tile`). Sums the warps in order; one split: + bias + residual -> out. Split-K: partials to
 // the fp32 workspace, and the last block of the column tile sums the splits in split order
 // (deterministic, no float atomics) and stores. Starts after a barrier that made red visible.
-// row_scale multiplies every sum before bias and residual (a folded RMSNorm; M = 1).
 __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* red, int nwarps, int M, int tn,
-                                            int tile, int split, int splits, float row_scale = 1.f)
+                                            int tile, int split, int splits)
 {
     const int tid = threadIdx.x;
     const int N = a.N;
@@ -148,7 +141,7 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];
         if (splits == 1)
-            store_out(a, m, nn, v * row_scale);
+            store_out(a, m, nn, v);
         else
             a.workspace[((size_t)split * M + m) * N + nn] = v;
     });
@@ -168,7 +161,7 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
     each_column([&](int m, int, int nn) {
         float v = 0.f;
         for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.workspace + ((size_t)sp * M + m) * N + nn);
-        store_out(a, m, nn, v * row_scale);
+        store_out(a, m, nn, v);
     });
     if (tid == 0) a.counters[tile] = 0;       // ready for the next launch (and graph replays)
 }

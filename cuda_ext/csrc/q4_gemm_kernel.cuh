@@ -300,25 +300,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     const int xstride = a.x_stride > 0 ? a.x_stride : K;
     __shared__ float norm_scratch[32];
     __shared__ float norm_inv[M];
-    // Integer rows fold the RMSNorm: x * norm_w is staged (its scale does not matter to the per-row integer
-    // form) and the result is scaled by 1 / rms at the end, so the sum of squares over the row is reduced
-    // after the main loop instead of before the staging (one barrier and L2 round trip off the critical path).
-    const bool fold_norm = P == kProdI16 && a.norm_w != nullptr;
-    float ss = 0.f;
-    if (fold_norm)
-    {
-        for (int c = tid; c < Kp; c += Q4_THREADS)
-        {
-            float v[8];
-            h8_to_f(*reinterpret_cast<const uint4*>(a.x + c * 8), v);
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) ss = fmaf(v[j], v[j], ss);
-        }
-    }
-    else if (a.norm_w)
-    {
-        rows_norm_inv(a, M, xstride, norm_inv, norm_scratch);
-    }
+    if (a.norm_w) rows_norm_inv(a, M, xstride, norm_inv, norm_scratch);
 
     // Stage x[:, block's K range] into shared memory as fp32, with per-packed-row sums.
     for (int item = tid; item < M * nrows; item += Q4_THREADS)
@@ -327,7 +309,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         const int r = item - m * nrows;
         const int k0 = (pb0 + r) * 8;
         float v[8];
-        load_x8(a, m, k0, xstride, fold_norm ? nullptr : norm_inv, v);
+        load_x8(a, m, k0, xstride, norm_inv, v);
         float sum = 0.f;
         #pragma unroll
         for (int j = 0; j < 8; ++j) sum += v[j];
@@ -477,8 +459,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         }
     }
 
-    const float row_scale = fold_norm ? rsqrtf(block_sum(ss, norm_scratch) / (float)K + a.norm_eps) : 1.f;
-
     // Reduce the thread rows of each warp (lanes tcol, tcol + lpr, ...), in a fixed order.
     #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -506,7 +486,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     }
     __syncthreads();
 
-    finish_tile(a, red, NWARPS, M, tn, tile, split, gridDim.y, row_scale);
+    finish_tile(a, red, NWARPS, M, tn, tile, split, gridDim.y);
 }
 
 }  // namespace q4k
