@@ -20,7 +20,7 @@ struct Variant
 // the half2 products ("reg4h", ~2.1 instructions a weight) beat the fp32 ones ("reg4", ~3.1) by 18-22%;
 // "reg4i" forms them from 12-bit integer x by DP2A (~1 instruction a weight).
 const Variant kVariantsM1[] = {{4, 0, 3, "reg4h"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}, {4, 0, 3, "reg4"},
-                               {4, 0, 3, "reg4i"}, {8, 0, 2, "reg8i-b2"}};
+                               {4, 0, 3, "reg4i"}};
 const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
 
 const Variant& variant_of(int M, int v)
@@ -170,7 +170,6 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
             case 2: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
             case 3: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
             case 4: return q4_gemm_launch_t<1, 4, 0, 3, kProdI16>(plan, args, stream);
-            case 5: return q4_gemm_launch_t<1, 8, 0, 2, kProdI16>(plan, args, stream);
             default: return q4_gemm_launch_t<1, 4, 0, 3, kProdH2>(plan, args, stream);
         }
     }
