@@ -152,8 +152,9 @@ class RuntimeConfig:
     fused_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_GEMV", "1") != "0")
     # 4-bit weights in the mma layout read by the tensor-core GEMV (GPUs, fp16); EXLLAMA_MMA_GEMV=0: row layout
     mma_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_MMA_GEMV", "1") != "0")
-    # which projections take the mma layout (>= 8M weights), comma-separated; env EXLLAMA_MMA_LAYERS
-    mma_layers: str = field(default_factory=lambda: os.environ.get("EXLLAMA_MMA_LAYERS", "o_proj"))
+    # which projections take the mma layout (>= 8M weights; o_proj, down_proj), comma-separated; none by default
+    # since the integer-product GEMV; env EXLLAMA_MMA_LAYERS
+    mma_layers: str = field(default_factory=lambda: os.environ.get("EXLLAMA_MMA_LAYERS", ""))
     # fp16 LM head (a few rows) by the extension's GEMV instead of cuBLAS; EXLLAMA_DENSE_GEMV=0 turns it off
     dense_gemv: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_DENSE_GEMV", "1") != "0")
     # decode: rotary and KV write inside the attention kernel (faster on every measured size since the

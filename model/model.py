@@ -103,14 +103,14 @@ class LlamaModel(nn.Module):
     MMA_MIN_WEIGHTS = 8 << 20
 
     def _use_mma_layout(self):
-        """The projections RuntimeConfig.mma_layers names (o_proj by default; >= MMA_MIN_WEIGHTS) go into the
+        """The projections RuntimeConfig.mma_layers names (none by default; >= MMA_MIN_WEIGHTS) go into the
         tensor-core GEMV's layout, in place.
 
-        Measured on an H100 (docs/performance.md, sessions 3 and 5): on 7B shapes the tensor-core kernel takes
-        o_proj from 11.4 us (CUDA cores, half2 products) to 7.7 us; down was faster there too until the CUDA-core
-        kernel's half2 products (14.6 against 15.3 us with the SiLU prologue; the model 447 / 397 t/s with o_proj
-        alone against 438 / 390 with both). q|k|v and gate|up, whose RMSNorm prologue every block repeats, and
-        every SmolLM2-135M shape are slower on the tensor cores."""
+        Measured on an H100 (docs/performance.md, sessions 3, 5 and 6): on 7B shapes the tensor-core kernel took
+        o_proj from 11.4 us (CUDA cores, half2 products) to 7.7 us, and down until the half2 products; since the
+        CUDA-core kernel's integer products (7.6 us for o_proj) the 7B model is 3% faster on an empty cache with
+        o_proj on the CUDA cores too (518.7 against 503.2 t/s; 438 against 440 at 2k). q|k|v and gate|up, whose
+        RMSNorm prologue every block repeats, and every SmolLM2-135M shape are slower on the tensor cores."""
         names = {n.strip() for n in self.runtime.mma_layers.split(",")}
         for layer in self.layers:
             for name, lin in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):

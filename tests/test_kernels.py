@@ -2,7 +2,8 @@
 
 Every check draws fresh random inputs, poisons outputs with NaN first (so unwritten elements show),
 and compares by relative error ||out - ref|| / ||ref|| against an fp32 reference:
-  q4 products (fp16 out, fp32 sums)     < 2e-3   (M = 1 default: 4 fp16 products a lane summed first)
+  q4 products (fp16 out, fp32 sums)     < 2e-3   (M = 1: x as 12-bit integers a packed row (reg4i, the default),
+                                                  or 4 fp16 products a lane summed first (reg4h))
   rms_norm / silu_mul / rotary          < 2e-3   (one fp16 rounding of the output dominates)
   q4_dequant                            bit-exact vs the fp32 reference cast to fp16
 The tensor-core GEMV (mma=True, weights in the mma layout) is held to the same tolerances.

@@ -35,8 +35,8 @@ fi
     cuobjdump --dump-resource-usage "$o" 2>&1 | grep -E "Function|REG" | sed 's/^ *//'
   done
   cuobjdump -sass "$EXLLAMA_EXT_DIR"/q4_gemm_m1.cuda.o 2>/dev/null \
-    | awk '/Function : /{f=($0 ~ /ILi1ELi4ELi0ELi3ELi1E/)} f' > /tmp/m1.sass
-  echo "instruction mix, M=1 reg4h kernel (default):"
+    | awk '/Function : /{f=($0 ~ /ILi1ELi4ELi0ELi3ELi2E/)} f' > /tmp/m1.sass
+  echo "instruction mix, M=1 reg4i kernel (default):"
   grep -oE '^\s+/\*[0-9a-f]{4}\*/\s+[A-Z][A-Z0-9_.]*' /tmp/m1.sass | awk '{print $2}' | sort | uniq -c | sort -rn | head -40
 } > "$OUT/sass.txt" 2>&1
 

@@ -48,7 +48,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // Kernel flags (an int argument of both q4 GEMVs).
 constexpr int kEarlyTrigger = 1;   // release the next kernel (PDL) at the start, not after the main loop
-constexpr int kDeepPrefetch = 2;   // row kernel: load two batches of weight rows before the PDL wait, not one
 
 // Fused RMSNorm: 1 / rms of each of the M rows of x over all K (every block needs the whole row;
 // rows are short, 2-16 KB). Writes norm_inv[m]; ends with a barrier.

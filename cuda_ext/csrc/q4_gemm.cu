@@ -16,11 +16,11 @@ struct Variant
 
 // S > 0: cp.async ring of S rows per thread; S == 0: U rows in registers (+ U prefetched).
 // MINB: blocks per multiprocessor the register budget is set for. Entry 0 is the default: on an
-// H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8, and at M = 1
-// the half2 products ("reg4h", ~2.1 instructions a weight) beat the fp32 ones ("reg4", ~3.1) by 18-22%;
-// "reg4i" forms them from 12-bit integer x by DP2A (~1 instruction a weight).
-const Variant kVariantsM1[] = {{4, 0, 3, "reg4h"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"}, {4, 0, 3, "reg4"},
-                               {4, 0, 3, "reg4i"}};
+// H100 (docs/performance.md) registers beat the cp.async ring by 10-40% at every M = 1..8; at M = 1 the
+// half2 products ("reg4h", ~2.1 instructions a weight) beat the fp32 ones ("reg4", ~3.1) by 18-22%, and
+// the integer ones ("reg4i": 12-bit x, DP2A, ~1 instruction a weight) beat half2 by 6% in the 7B model.
+const Variant kVariantsM1[] = {{4, 0, 3, "reg4i"}, {4, 0, 3, "reg4h"}, {0, 16, 1, "cp16"}, {4, 0, 2, "reg4-b2"},
+                               {4, 0, 3, "reg4"}};
 const Variant kVariantsMn[] = {{4, 0, 1, "reg4"}, {0, 16, 1, "cp16"}};
 
 const Variant& variant_of(int M, int v)
@@ -59,15 +59,6 @@ size_t plan_smem(int M, int rows_per_split, int tn, int S)
 }
 
 }  // namespace
-
-bool q4_deep_prefetch()
-{
-    static const bool on = [] {
-        const char* e = std::getenv("EXLLAMA_Q4_DEEP_PREFETCH");
-        return e && std::atoi(e) > 0;
-    }();
-    return on;
-}
 
 int q4_gemm_num_variants(int M)
 {
@@ -166,11 +157,11 @@ static cudaError_t dispatch_variant(const Q4GemmPlan& plan, const Q4GemmArgs& ar
     {
         switch (plan.variant)
         {
-            case 1: return q4_gemm_launch_t<1, 0, 16, 1>(plan, args, stream);
-            case 2: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
-            case 3: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
-            case 4: return q4_gemm_launch_t<1, 4, 0, 3, kProdI16>(plan, args, stream);
-            default: return q4_gemm_launch_t<1, 4, 0, 3, kProdH2>(plan, args, stream);
+            case 1: return q4_gemm_launch_t<1, 4, 0, 3, kProdH2>(plan, args, stream);
+            case 2: return q4_gemm_launch_t<1, 0, 16, 1>(plan, args, stream);
+            case 3: return q4_gemm_launch_t<1, 4, 0, 2>(plan, args, stream);
+            case 4: return q4_gemm_launch_t<1, 4, 0, 3>(plan, args, stream);
+            default: return q4_gemm_launch_t<1, 4, 0, 3, kProdI16>(plan, args, stream);
         }
     }
     else

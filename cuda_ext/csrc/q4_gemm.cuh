@@ -52,9 +52,6 @@ struct Q4GemmArgs
 Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t smem_optin, int cc_major,
                         int tn, int splits, int variant, int pdl);
 
-// EXLLAMA_Q4_DEEP_PREFETCH=1: the row kernel loads two batches of weights before the PDL wait (A/B runs).
-bool q4_deep_prefetch();
-
 int q4_gemm_num_variants(int M);
 const char* q4_gemm_variant_name(int M, int variant);
 

@@ -21,8 +21,9 @@
 // each thread's weights through a private shared-memory ring of S rows filled by cp.async (16 bytes
 // each, L2 evict-first, no registers held), S - 1 rows ahead. With PDL the ring is filled before
 // griddepcontrol.wait, i.e. while the previous kernel is still finishing; x (the previous kernel's
-// output) is read only after the wait. Variant S == 0 keeps U rows in registers instead (the default:
-// faster on an H100, see docs/performance.md). early_trigger: release the next kernel (PDL) at the
+// output) is read only after the wait. Variant S == 0 keeps U rows in registers instead, the next U in
+// flight, both batches requested before the wait (the default: faster on an H100, see docs/performance.md).
+// early_trigger: release the next kernel (PDL) at the
 // start instead of after the main loop; it never changes results, only how kernels overlap.
 #pragma once
 
@@ -255,9 +256,11 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     const uint4* wp = reinterpret_cast<const uint4*>(a.qweight) + (size_t)i0 * wstride + (n0 >> 2);
 
     // Weights and scales never change between kernels: fetch them before waiting on the previous kernel.
+    // S == 0: the first two batches of U rows (the second is what the main loop would request first) are
+    // requested before the wait, so the staging after it overlaps twice the weight traffic: +1.3-2.6% on the
+    // 7B model (docs/performance.md); the registers for both batches are live in the main loop anyway.
     uint4 wa[S > 0 ? 1 : U];
     uint4 wb[S > 0 ? 1 : U];
-    const bool deep = S == 0 && (flags & kDeepPrefetch);   // the second batch too, before the wait
     if constexpr (S > 0)
     {
         #pragma unroll
@@ -272,12 +275,9 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll
         for (int u = 0; u < U; ++u)
             wa[u] = (col_ok && u < n) ? load_w<1>(wp + (size_t)u * wstride, pol) : make_uint4(0, 0, 0, 0);
-        if (deep)
-        {
-            #pragma unroll
-            for (int u = 0; u < U; ++u)
-                wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
-        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u)
+            wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
     }
 
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
@@ -397,7 +397,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         #pragma unroll 1
         for (int j = 0; j < n; j += U)
         {
-            if (!(deep && j == 0))
+            if (j > 0)                        // batch j + U (batch U came before the wait)
             {
                 #pragma unroll
                 for (int u = 0; u < U; ++u)
@@ -504,7 +504,7 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
                          args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
-                         (plan.pdl == 2 ? q4k::kEarlyTrigger : 0) | (q4_deep_prefetch() ? q4k::kDeepPrefetch : 0));
+                         plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB, P) \
