@@ -1,7 +1,5 @@
 // Decode-step attention kernels; see decode.cuh.
 #include "decode.cuh"
-
-#include <cstdlib>
 #include "common.cuh"
 
 #include <algorithm>
@@ -582,11 +580,7 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
         const int per_iter = KPB * attn::UNR;
         const int sms = std::max(sm_count, 1);
         const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter) >= sms ? 1 : 2;
-        static const int per_sm = [] {
-            const char* e = std::getenv("EXLLAMA_ATT_BLOCKS_PER_SM");
-            return e && std::atoi(e) > 0 ? std::atoi(e) : 4;
-        }();
-        int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, per_sm * sms));
+        int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
         p.chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
     }
     else
