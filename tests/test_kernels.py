@@ -123,6 +123,28 @@ def test_q4_gemm_small_variants(M, K, N, gs):
                 assert rel_err(out, ref) < Q4_TOL, f"variant {v} splits {splits} pdl {pdl}"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_q4_gemm_small_m1_variants_pass_nan_and_inf_on(bad):
+    """A NaN or inf in x makes every output non-finite in every M = 1 variant (the greedy step's finite flag
+    relies on it): the integer rows, whose 12-bit x drops it, carry it through the row's x sum and scale. A
+    zero packed row and a row of wide dynamic range stay within tolerance."""
+    K, N, gs = 1536, 320, 64
+    qw, sc, of, perm = make_q4(K, N, gs)
+    x = torch.randn(1, K, device=DEV).half()
+    x[0, 8:16] = 0                                        # a packed row of zeros: scale 0
+    x[0, 24:32] = torch.tensor([3e3, 1e-3, -2e3, 5e-4, 1, -1, 0.5, 7e2])
+    ref = ref_q4(x, qw, sc, of)
+    xb = x.clone()
+    xb[0, 100] = bad
+    for v in range(build.load().q4_gemm_num_variants(1)):
+        for splits in (1, 3):
+            out = poison((1, N))
+            ops.q4_gemm_small(x, qw, sc, of, out=out, variant=v, splits=splits)
+            assert rel_err(out, ref) < Q4_TOL, f"variant {v} splits {splits}"
+            out = ops.q4_gemm_small(xb, qw, sc, of, variant=v, splits=splits)
+            assert not torch.isfinite(out).any(), f"variant {v} splits {splits}"
+
+
 def test_q4_gemm_small_bias_residual_and_inplace():
     K, N, M = 4096, 4096, 3
     qw, sc, of, perm = make_q4(K, N, 128, act_order=True)

@@ -23,8 +23,8 @@
 // griddepcontrol.wait, i.e. while the previous kernel is still finishing; x (the previous kernel's
 // output) is read only after the wait. Variant S == 0 keeps U rows in registers instead, the next U in
 // flight, both batches requested before the wait (the default: faster on an H100, see docs/performance.md).
-// early_trigger: release the next kernel (PDL) at the
-// start instead of after the main loop; it never changes results, only how kernels overlap.
+// early_trigger: release the next kernel (PDL) at the start instead of after the main loop; it never changes
+// results, only how kernels overlap.
 #pragma once
 
 #include "q4_common.cuh"
@@ -316,7 +316,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         float4* dst = reinterpret_cast<float4*>(xs + m * kc + r * 8);
         if constexpr (P == kProdI16)
         {
-            stage_i16(v, sum, xs + m * kc + r * 8);
+            stage_i16(v, sum, reinterpret_cast<float*>(dst));
         }
         else if constexpr (P == kProdH2)
         {
@@ -503,8 +503,7 @@ cudaError_t q4_gemm_launch_t(const Q4GemmPlan& plan, const Q4GemmArgs& args, cud
         if (err != cudaSuccess) return err;
     }
     return launch_kernel(kernel, dim3(plan.tiles, plan.splits), dim3(Q4_THREADS), plan.smem_bytes, stream, plan.pdl > 0,
-                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow,
-                         plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
+                         args, plan.tn, plan.rows_per_split, plan.rows_per_trow, plan.pdl == 2 ? q4k::kEarlyTrigger : 0);
 }
 
 #define Q4_INSTANTIATE(M, U, S, MINB, P) \
