@@ -50,6 +50,9 @@ int min_rows_per_thread()
     return rows;
 }
 
+// Packed rows a thread keeps in a sparse M = 1 grid (see q4_gemm_plan): the two batches of U = 4 it loads first.
+constexpr int kSparseRowsPerThread = 8;
+
 size_t plan_smem(int M, int rows_per_split, int tn, int S)
 {
     const size_t ring = (size_t)S * Q4_THREADS * 16;
@@ -102,8 +105,14 @@ Q4GemmPlan q4_gemm_plan(int M, int K, int N, int groups, int sm_count, size_t sm
             int cs = splits;
             if (cs <= 0)
             {
-                const int by_rows = std::max(1, Kp / (ctrows * min_rows_per_thread()));
+                int by_rows = std::max(1, Kp / (ctrows * min_rows_per_thread()));
                 const int by_wave = std::max(1, (int)(cap / ctiles));
+                // M = 1, a grid under half the resident blocks (the 7B's o_proj: 128 of 396): split K further,
+                // down to the two batches of 4 rows a thread requests before the PDL wait, so all its weights are
+                // in flight before the previous kernel ends. 7B 518 / 438 -> 521 / 449-450 t/s; larger grids and
+                // fewer rows were slower (docs/performance.md, session 6).
+                if (M == 1 && ctiles * std::min(by_rows, by_wave) < 0.5 * per_sm * sm_count)
+                    by_rows = std::max(1, Kp / (ctrows * kSparseRowsPerThread));
                 cs = std::min(by_rows, by_wave);
             }
             const double blocks = (double)ctiles * cs;
