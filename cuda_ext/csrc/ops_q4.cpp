@@ -7,7 +7,6 @@
 #include "dense_gemv.cuh"
 #include "launch.h"
 
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
@@ -354,46 +353,22 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
                                  residual->strides() == out.strides();
     const c10::cuda::CUDAGuard guard(qweight.device());
     const int device = qweight.device().index();
-    // Two slices in flight (the next one dequantized on a side stream while cuBLAS multiplies this one), in
-    // the same slice_bytes of buffer; one while a graph is being captured, or with EXLLAMA_PROMPT_OVERLAP=0.
-    static const bool overlap_on = [] {
-        const char* e = std::getenv("EXLLAMA_PROMPT_OVERLAP");
-        return !(e && std::string(e) == "0");
-    }();
-    const bool overlap = overlap_on && K * N * 2 > slice_bytes / 2 &&
-                         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
-    const int64_t buffers = overlap ? 2 : 1;
-    // Column slices of at most slice_bytes / buffers of fp16 weights, whole 128-column blocks.
+    // Column slices of at most slice_bytes of fp16 weights, whole 128-column blocks.
     int64_t width = N;
-    if (K * N * 2 * buffers > slice_bytes) width = std::max<int64_t>(128, slice_bytes / buffers / (2 * K) / 128 * 128);
+    if (K * N * 2 > slice_bytes) width = std::max<int64_t>(128, slice_bytes / (2 * K) / 128 * 128);
     width = std::min(width, N);
     const int nslices = (int)((N + width - 1) / width);
 
-    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device);
-    const torch::Tensor buf = torch::empty({buffers * K * width}, x.options());
-    c10::cuda::CUDAStream side = overlap ? c10::cuda::getStreamFromPool(false, device) : stream;
-    std::vector<at::cuda::CUDAEvent> dequantized(overlap ? nslices : 0), consumed(overlap ? nslices : 0);
-    if (overlap)
-    {
-        at::cuda::CUDAEvent ready;                // the buffer's memory and everything before this call
-        ready.record(stream);
-        ready.block(side);
-    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+    const torch::Tensor buf = torch::empty({K * width}, x.options());
 
-    // One slice: the weights dequantized into a buffer, then out[:, c0:c1] by cuBLAS.
+    // One slice: the weights dequantized into the buffer, then out[:, c0:c1] by cuBLAS.
     for (int i = 0; i < nslices; ++i)
     {
         const int64_t c0 = i * width, w = std::min(width, N - c0);
-        const torch::Tensor bufi = buf.narrow(0, (i % buffers) * K * width, K * w);
-        if (overlap && i >= 2) consumed[i - 2].block(side);   // cuBLAS is done with this buffer's last slice
-        C10_CUDA_CHECK(d.run(c0, w, reinterpret_cast<half*>(bufi.data_ptr<at::Half>()), false, side));
+        C10_CUDA_CHECK(d.run(c0, w, reinterpret_cast<half*>(buf.data_ptr<at::Half>()), false, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (overlap)
-        {
-            dequantized[i].record(side);
-            dequantized[i].block(stream);
-        }
-        const torch::Tensor wt = bufi.view({K, w});
+        const torch::Tensor wt = buf.narrow(0, 0, K * w).view({K, w});
         torch::Tensor part = out.narrow(1, c0, w);
         if (residual_in_out && !bias.has_value())
         {
@@ -409,9 +384,7 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
         {
             at::mm_out(part, x, wt);
         }
-        if (overlap) consumed[i].record(stream);
     }
-    // The main stream waited for every dequantization, so the buffer is free in its order when it is released.
 }
 
 void dense_gemv(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& residual,
