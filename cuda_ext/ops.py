@@ -74,7 +74,7 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     mma: qweight is in the mma layout (model/quant.py) and the tensor-core kernel runs (tn is ignored;
     variant indexes its own variants, see q4_mma_variant_name).
     parts (row layout, no bias or residual): returns the K splits' partial sums [S, M, N] fp32, not added
-    up, and x may be such sums of gate|up (fp32 [S, M, 2K], with silu_up, no perm): the consumer adds them in its
+    up, and x may be such sums of gate|up (fp32 [S, M, 2K], with silu_up): the consumer adds them in its
     prologue (split order, then fp16: the same rows), which takes the split-K reduction out of the producer.
     """
     parts_in = x.dtype == torch.float32 and x.dim() == 3

@@ -39,8 +39,8 @@ class DecoderLayer(nn.Module):
         if m.gate_up is not None:
             # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul;
             # Linear applies them separately where an adapter needs the transformed input); gate|up's split
-            # partial sums go to down unreduced where the kernels run (SplitSums; down without act-order)
-            gu = m.gate_up(h, lora, norm=self.post_attention_layernorm, parts=m.down_proj.perm is None)
+            # partial sums go to down unreduced where the kernels run (SplitSums)
+            gu = m.gate_up(h, lora, norm=self.post_attention_layernorm, parts=True)
             return m.down_proj(gu, lora, h, silu=True, residual_inplace=True)
         return m(self.post_attention_layernorm(h), lora, residual=h)
 

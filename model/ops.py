@@ -216,7 +216,7 @@ class Ops:
         N = qweight.shape[1]
         if isinstance(x, SplitSums):
             k = self.kernels_for(x.parts)
-            if k and silu and not mma and bias is None and perm is None:
+            if k and silu and not mma and bias is None:
                 rows = x.parts.shape[1]
                 y = k.q4_gemm_small(x.parts, qweight, scales, offsets, perm, residual=residual,
                                     out=out.view(rows, N) if out is not None else None, silu_up=True)

@@ -514,10 +514,10 @@ def test_q4_gemm_small_fused_silu(K, N, gs, act_order, mma):
 def test_q4_split_sums_give_the_reduced_rows(act_order):
     """parts=True returns the splits' partial sums [S, M, N] fp32: added in split order and rounded to fp16 they
     are the normal output bit for bit, and a silu_up GEMV given them as x (adding them in its prologue) equals
-    the same GEMV given the reduced gate|up rows, bit for bit (down without act-order, as the model uses it)."""
+    the same GEMV given the reduced gate|up rows, bit for bit."""
     K, F, N = 4096, 1536, 1024                    # gate|up: K -> 2F; down: F -> N
     qg, sg, og, pg = make_q4(K, 2 * F, 128, act_order)
-    qd, sd, od, _ = make_q4(F, N, 64)
+    qd, sd, od, pd = make_q4(F, N, 64, act_order)
     w = (torch.rand(K, device=DEV) + 0.5).float()
     for M in (1, 3):
         x = torch.randn(M, K, device=DEV).half()
@@ -531,15 +531,13 @@ def test_q4_split_sums_give_the_reduced_rows(act_order):
             for p in parts[1:]:
                 total += p
             assert torch.equal(total.half(), rows), f"M={M} splits={splits}"
-            a = ops.q4_gemm_small(parts, qd, sd, od, residual=res, silu_up=True)
-            b = ops.q4_gemm_small(rows, qd, sd, od, residual=res, silu_up=True)
+            a = ops.q4_gemm_small(parts, qd, sd, od, pd, residual=res, silu_up=True)
+            b = ops.q4_gemm_small(rows, qd, sd, od, pd, residual=res, silu_up=True)
             assert torch.equal(a, b), f"M={M} splits={splits}"
     with pytest.raises(RuntimeError, match="parts"):
         ops.q4_gemm_small(x, qg, sg, og, pg, bias=torch.zeros(2 * F, device=DEV).half(), parts=True)
     with pytest.raises(RuntimeError, match="silu_up"):
-        ops.q4_gemm_small(parts, qd, sd, od)
-    with pytest.raises(RuntimeError, match="perm"):
-        ops.q4_gemm_small(parts, qd, sd, od, torch.randperm(F, device=DEV), silu_up=True)
+        ops.q4_gemm_small(parts, qd, sd, od, pd)
 
 
 def test_model_ops_fused_matmul_matches_reference():

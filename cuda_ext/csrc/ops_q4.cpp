@@ -191,11 +191,10 @@ torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
     // x fp32 [S, M, 2K]: gate|up as the partial sums of S splits (a parts=True call's result), silu_up only
-    const bool x_parts = x.scalar_type() == torch::kFloat32 && x.dim() == 3;
+    const bool x_parts = x.scalar_type() == torch::kFloat32;
     if (x_parts)
     {
-        EXL_CHECK(silu_up && !mma && !perm.has_value(),
-                  "q4_gemm_small: fp32 x (split partial sums) takes silu_up, the row layout and no perm");
+        EXL_CHECK(silu_up && !mma, "q4_gemm_small: fp32 x (split partial sums) takes silu_up and the row layout");
         EXL_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(2) == 2 * K && x.is_contiguous(),
                   "fp32 x must be contiguous [S, M, 2K] partial sums of gate|up with K=", K, " (got ", x.sizes(), ")");
     }
@@ -205,15 +204,8 @@ torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight
         EXL_CHECK_DIM(x, 2);
         EXL_CHECK_CONTIG(x);
         EXL_CHECK_ALIGNED(x, 16);
-        if (silu_up)
-        {
-            EXL_CHECK(x.size(1) == 2 * K, "with silu_up, x must be [M, 2K] = gate|up with K=", K, " (got shape ",
-                      x.sizes(), ")");
-        }
-        else
-        {
-            EXL_CHECK_SIZE(x, 1, K);
-        }
+        EXL_CHECK(x.size(1) == (silu_up ? 2 : 1) * K, silu_up ? "with silu_up, x must be [M, 2K] = gate|up with K="
+                  : "x must be [M, K] with K=", K, " (got shape ", x.sizes(), ")");
     }
     EXL_CHECK_SAME_DEVICE(x, qweight);
     EXL_CHECK(!(silu_up && norm_weight.has_value()), "q4_gemm_small: norm_weight and silu_up cannot be combined");

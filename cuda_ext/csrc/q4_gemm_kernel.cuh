@@ -301,29 +301,6 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
     __shared__ float norm_scratch[32];
     __shared__ float norm_inv[M];
     if (a.norm_w) rows_norm_inv(a, M, xstride, norm_inv, norm_scratch);
-    if (a.x_parts)
-    {
-        // x = gate|up as split partial sums (no perm): first each packed row's 8 gate and 8 up values, the
-        // splits added in split order and rounded to fp16 as the reduced rows, into the row's own 32 bytes of
-        // the staging area (one element an item: few registers next to the weight batches held meanwhile)
-        const size_t part = (size_t)a.M * xstride;
-        for (int item = tid; item < M * nrows * 8; item += Q4_THREADS)
-        {
-            const int m = item / (nrows * 8);
-            const int rj = item - m * nrows * 8;
-            const float* p = a.x_parts + (size_t)m * xstride + pb0 * 8 + rj;
-            float g = 0.f, u = 0.f;
-            for (int sp = 0; sp < a.x_nparts; ++sp)
-            {
-                g += __ldcg(p + sp * part);
-                u += __ldcg(p + sp * part + K);
-            }
-            half* row = reinterpret_cast<half*>(xs + m * kc + (rj >> 3) * 8);
-            row[rj & 7] = __float2half_rn(g);
-            row[8 + (rj & 7)] = __float2half_rn(u);
-        }
-        __syncthreads();
-    }
 
     // Stage x[:, block's K range] into shared memory as fp32, with per-packed-row sums.
     for (int item = tid; item < M * nrows; item += Q4_THREADS)
@@ -332,20 +309,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
         const int r = item - m * nrows;
         const int k0 = (pb0 + r) * 8;
         float v[8];
-        if (a.x_parts)
-        {
-            // silu(gate) * up from the row's reduced halves (read before this thread overwrites the row)
-            const uint4* row = reinterpret_cast<const uint4*>(xs + m * kc + r * 8);
-            float g[8], u[8];
-            h8_to_f(row[0], g);
-            h8_to_f(row[1], u);
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = __half2float(__float2half_rn(g[j] / (1.0f + __expf(-g[j])) * u[j]));
-        }
-        else
-        {
-            load_x8(a, m, k0, xstride, norm_inv, v);
-        }
+        load_x8(a, m, k0, xstride, norm_inv, v);
         float sum = 0.f;
         #pragma unroll
         for (int j = 0; j < 8; ++j) sum += v[j];
