@@ -59,7 +59,7 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   tn: int = 0, splits: int = 0, variant: int = -1, pdl: int = -1,
                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
-                  silu_up: bool = False, mma: bool = False, parts: bool = False) -> torch.Tensor:
+                  silu_up: bool = False, mma: bool = False) -> torch.Tensor:
     """out [M, N] = x [M, K][:, perm] @ W + bias + residual for M <= 8 (fp16 in and out, fp32 sums).
 
     tn (32/64/128 columns a block), splits (K splits) and variant pick a kernel configuration;
@@ -73,26 +73,23 @@ def q4_gemm_small(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     Both round the transformed x to fp16, as the separate kernels store it.
     mma: qweight is in the mma layout (model/quant.py) and the tensor-core kernel runs (tn is ignored;
     variant indexes its own variants, see q4_mma_variant_name).
-    parts (row layout, no bias or residual): returns the K splits' partial sums [S, M, N] fp32, not added
-    up, and x may be such sums of gate|up (fp32 [S, M, 2K], with silu_up): the consumer adds them in its
-    prologue (split order, then fp16: the same rows), which takes the split-K reduction out of the producer.
     """
-    parts_in = x.dtype == torch.float32 and x.dim() == 3
-    if x.dim() != 2 and not parts_in:
-        raise ValueError(f"q4_gemm_small: x must be [M, K] (or fp32 [S, M, 2K] partial sums), got {tuple(x.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"q4_gemm_small: x must be [M, K], got {tuple(x.shape)}")
     x = x.contiguous()
     if not _aligned(x):
         x = x.clone()
-    if out is None and not parts:
-        out = torch.empty((x.shape[-2], qweight.shape[1]), dtype=torch.float16, device=x.device)
+    if out is None:
+        out = torch.empty((x.shape[0], qweight.shape[1]), dtype=torch.float16, device=x.device)
     if norm_weight is not None and (norm_weight.dtype != torch.float32 or not norm_weight.is_contiguous()):
         norm_weight = norm_weight.float().contiguous()
     if bias is not None and bias.dtype != torch.float16:
         bias = bias.to(torch.float16)
     if residual is not None:
         residual = residual.reshape(out.shape)
-    return _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl,
-                                norm_weight, float(norm_eps), bool(silu_up), bool(mma), bool(parts))
+    _ext().q4_gemm_small(x, qweight, scales, offsets, perm, bias, residual, out, tn, splits, variant, pdl,
+                         norm_weight, float(norm_eps), bool(silu_up), bool(mma))
+    return out
 
 
 def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,

@@ -160,9 +160,6 @@ class RuntimeConfig:
     # decode: rotary and KV write inside the attention kernel (faster on every measured size since the
     # attention loads its cache rows before waiting on the previous kernel); EXLLAMA_FUSED_ROPE_ATTN=0 turns it off
     rope_in_attention: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_FUSED_ROPE_ATTN", "1") != "0")
-    # decode: gate|up's split-K partial sums are added in down's prologue, not in gate|up's tail;
-    # EXLLAMA_SPLIT_SUMS=0 turns it off
-    split_sums: bool = field(default_factory=lambda: os.environ.get("EXLLAMA_SPLIT_SUMS", "1") != "0")
     embed_on_cpu: bool | None = None   # GPUs: the token embedding table in pinned host memory, read by
                                        # the GPU (no VRAM); None: when the LM head does not share it
     cuda_graph: bool = True        # capture the decode step as a CUDA graph where possible

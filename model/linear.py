@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import Ops, SplitSums
+from .ops import Ops
 from .quant import dequantize, mma_layout_ok, to_mma_layout
 
 
@@ -75,17 +75,13 @@ class Linear(nn.Module):
             self.bias = self.bias.to(device, dtype)
 
     def forward(self, x: torch.Tensor, lora: str | None = None, residual: torch.Tensor | None = None,
-                norm=None, silu: bool = False, residual_inplace: bool = False, parts: bool = False):
+                norm=None, silu: bool = False, residual_inplace: bool = False):
         """x @ W^T + b (+ the adapter's term) (+ residual, fused into the 4-bit kernel on GPUs).
 
         norm (an RMSNorm): the input is norm(x); silu: the input is silu(gate) * up of x = gate|up.
         For 4-bit weights and a few rows on a GPU both run inside the GEMV (model/ops.py), and so does the norm
         for fp16 dense weights (the LM head). residual_inplace: the residual may be overwritten with the result
-        (the model's residual stream: saves the copy a GEMM with beta = 1 would make). parts: the result may
-        come as SplitSums (model/ops.py), for a silu consumer; x may be SplitSums."""
-        if isinstance(x, SplitSums) and (not self.quantized or lora in self.lora):
-            x = x.materialize()
-        parts = parts and lora not in self.lora
+        (the model's residual stream: saves the copy a GEMM with beta = 1 would make)."""
         if not self.quantized and not silu and self.bias is None and lora not in self.lora:
             y = self.ops.dense_gemv(x, self.weight, (norm.weight, norm.eps) if norm is not None else None)
             if y is not None:
@@ -101,9 +97,7 @@ class Linear(nn.Module):
             out = residual if residual_inplace and residual is not None and residual.is_contiguous() else None
             y = self.ops.q4_matmul(x, self.qweight, self.scales, self.offsets, self.perm, self.bias, residual,
                                    norm=(norm.weight, norm.eps) if norm is not None else None, silu=silu,
-                                   mma=self.mma, out=out, parts=parts)
-            if isinstance(y, SplitSums):
-                return y
+                                   mma=self.mma, out=out)
             residual = None
         elif self.weight.dtype == x.dtype:
             y = torch.nn.functional.linear(x, self.weight)

@@ -38,10 +38,9 @@ class DecoderLayer(nn.Module):
         m = self.mlp
         if m.gate_up is not None:
             # down(silu(gate) * up): the norm rides on gate|up, SiLU-mul on down (model/ops.py q4_matmul;
-            # Linear applies them separately where an adapter needs the transformed input); gate|up's split
-            # partial sums go to down unreduced where the kernels run (SplitSums)
-            gu = m.gate_up(h, lora, norm=self.post_attention_layernorm, parts=True)
-            return m.down_proj(gu, lora, h, silu=True, residual_inplace=True)
+            # Linear applies them separately where an adapter needs the transformed input)
+            return m.down_proj(m.gate_up(h, lora, norm=self.post_attention_layernorm), lora, h, silu=True,
+                               residual_inplace=True)
         return m(self.post_attention_layernorm(h), lora, residual=h)
 
 
@@ -51,7 +50,7 @@ class LlamaModel(nn.Module):
         self.cfg, self.runtime = cfg, runtime
         self.ops = Ops(use_kernels=not runtime.force_reference, fused_decode=runtime.fused_decode,
                        fused_gemv=runtime.fused_gemv, rope_in_attention=runtime.rope_in_attention,
-                       dense_gemv=runtime.dense_gemv, split_sums=runtime.split_sums)
+                       dense_gemv=runtime.dense_gemv)
         self.device = runtime.torch_device()          # embeddings and the first layers
         self.dtype = runtime.torch_dtype()
         self.embed_tokens: torch.Tensor | None = None   # [V, D], dense

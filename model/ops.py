@@ -75,37 +75,20 @@ def argmax_rows_ref(logits: torch.Tensor) -> torch.Tensor:
 
 # ---- dispatch ---------------------------------------------------------------------------
 
-class SplitSums:
-    """A GEMV's output [..., N] held as its K splits' fp32 partial sums `parts` [S, rows, N], not yet added
-    (Ops.q4_matmul with parts=True): the down projection's GEMV adds gate|up's in its SiLU prologue, so the
-    split-K reduction leaves the gate|up kernel's tail. Anything else takes materialize()."""
-
-    def __init__(self, parts: torch.Tensor, shape: tuple):
-        self.parts, self.shape = parts, tuple(shape)
-
-    def materialize(self) -> torch.Tensor:
-        y = self.parts[0].clone()
-        for p in self.parts[1:]:                  # split order, as the kernel adds them
-            y += p
-        return y.half().reshape(self.shape)
-
-
 class Ops:
     """Per-model dispatcher, set from RuntimeConfig: `use_kernels` (force_reference turns it off) and
     the fused kernels (GPU, fp16 only; on by default, GPU-tested, docs/performance.md):
     fused_decode: the static decode step uses rope_kv_write + decode_attention instead of
     rotary + index_copy_ + SDPA with a mask; fused_gemv: rms_norm (before q|k|v, gate|up, lm_head) and
     silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels;
-    rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV;
-    split_sums: gate|up hands its split partial sums to down's GEMV (SplitSums)."""
+    rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV."""
 
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
-                 rope_in_attention: bool = True, dense_gemv: bool = True, split_sums: bool = True):
+                 rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
         self.rope_in_attention, self.use_dense_gemv = rope_in_attention, dense_gemv
-        self.split_sums = split_sums
 
     def kernels_for(self, t: torch.Tensor):
         """The cuda_ext ops module when t is on a GPU and the extension builds, else None."""
@@ -202,7 +185,7 @@ class Ops:
         return out
 
     def q4_matmul(self, x, qweight, scales, offsets, perm, bias=None, residual=None, norm=None, silu=False,
-                  mma=False, out=None, parts=False):
+                  mma=False, out=None):
         """x[..., perm] @ W^T + bias + residual (the kernel fuses the two adds); mma: qweight is in the mma
         layout (quant.py), read by the tensor-core kernels. `out` (e.g. the residual itself) may receive the
         result where a kernel runs; use the return value.
@@ -210,18 +193,7 @@ class Ops:
         norm=(weight, eps): x is rms_norm(x) first; silu: x is gate|up [..., 2K] and becomes
         silu(gate) * up first. For <= 8 fp16 rows on a GPU both run in the q4 kernel's prologue; for
         more rows (a prompt) on a GPU, silu(gate) * up overwrites the gate half of x (x is consumed).
-        parts: where that kernel runs (row layout, no bias or residual), return SplitSums instead of rows;
-        x may be SplitSums with silu (their kernel adds them; otherwise they are materialized first).
         """
-        N = qweight.shape[1]
-        if isinstance(x, SplitSums):
-            k = self.kernels_for(x.parts)
-            if k and silu and not mma and bias is None:
-                rows = x.parts.shape[1]
-                y = k.q4_gemm_small(x.parts, qweight, scales, offsets, perm, residual=residual,
-                                    out=out.view(rows, N) if out is not None else None, silu_up=True)
-                return y.reshape(*x.shape[:-1], N)
-            x = x.materialize()
         k = self.kernels_for(x)
         if norm is not None or silu:
             rows = x.numel() // max(x.shape[-1], 1)
@@ -229,10 +201,6 @@ class Ops:
                     and x.shape[-1] % 8 == 0 and x.is_contiguous()):
                 x2 = x.reshape(rows, x.shape[-1])
                 nw, eps = norm if norm is not None else (None, 0.0)
-                if parts and self.split_sums and not mma and bias is None and residual is None:
-                    p = k.q4_gemm_small(x2, qweight, scales, offsets, perm, norm_weight=nw, norm_eps=eps,
-                                        silu_up=silu, parts=True)
-                    return SplitSums(p, (*x.shape[:-1], N))
                 y = k.q4_gemm_small(x2, qweight, scales, offsets, perm, bias=bias, residual=residual,
                                     out=out.view(rows, qweight.shape[1]) if out is not None else None,
                                     norm_weight=nw, norm_eps=eps, silu_up=silu, mma=mma)

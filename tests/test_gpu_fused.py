@@ -49,25 +49,6 @@ def test_fused_decode_as_accurate_as_unfused(models):
     assert agree[True] >= agree[False] - 2
 
 
-def test_split_sums_change_no_logit(models):
-    """gate|up handing its split partial sums to down's GEMV (Ops.split_sums, the default) gives the same
-    decode logits, bit for bit, as gate|up adding them itself."""
-    _, gpu = models
-    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
-    outs = {}
-    for on in (False, True):      # ends on the default
-        gpu.ops.split_sums = on
-        c = gpu.new_cache()
-        gpu(ids[:, :8].cuda(), c)
-        steps = []
-        for t in range(8, ids.shape[1]):
-            pos = torch.tensor([c.length], device="cuda")
-            steps.append(gpu.decode_static(ids[:, t:t + 1].cuda(), c, pos, 64)[0, -1])
-            c.length += 1
-        outs[on] = torch.stack(steps)
-    assert torch.isfinite(outs[True]).all() and torch.equal(outs[True], outs[False])
-
-
 def test_every_layer_in_mma_layout_matches_row_layout(models, tmp_path):
     """All 4-bit layers in the tensor-core GEMV's layout (the model itself picks only big o/down projections):
     the prompt forward (mma dequantization + cuBLAS) and static decode steps (tensor-core GEMV, fused

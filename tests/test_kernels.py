@@ -510,36 +510,6 @@ def test_q4_gemm_small_fused_silu(K, N, gs, act_order, mma):
         assert err < Q4_TOL, f"M={M}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_q4_split_sums_give_the_reduced_rows(act_order):
-    """parts=True returns the splits' partial sums [S, M, N] fp32: added in split order and rounded to fp16 they
-    are the normal output bit for bit, and a silu_up GEMV given them as x (adding them in its prologue) equals
-    the same GEMV given the reduced gate|up rows, bit for bit."""
-    K, F, N = 4096, 1536, 1024                    # gate|up: K -> 2F; down: F -> N
-    qg, sg, og, pg = make_q4(K, 2 * F, 128, act_order)
-    qd, sd, od, pd = make_q4(F, N, 64, act_order)
-    w = (torch.rand(K, device=DEV) + 0.5).float()
-    for M in (1, 3):
-        x = torch.randn(M, K, device=DEV).half()
-        res = torch.randn(M, N, device=DEV).half()
-        for splits in (0, 1, 3):
-            rows = ops.q4_gemm_small(x, qg, sg, og, pg, norm_weight=w, norm_eps=1e-5, splits=splits)
-            parts = ops.q4_gemm_small(x, qg, sg, og, pg, norm_weight=w, norm_eps=1e-5, splits=splits, parts=True)
-            assert parts.dtype == torch.float32 and parts.shape[1:] == (M, 2 * F)
-            assert parts.shape[0] == (splits or parts.shape[0]) and (splits or parts.shape[0] > 1)
-            total = parts[0].clone()
-            for p in parts[1:]:
-                total += p
-            assert torch.equal(total.half(), rows), f"M={M} splits={splits}"
-            a = ops.q4_gemm_small(parts, qd, sd, od, pd, residual=res, silu_up=True)
-            b = ops.q4_gemm_small(rows, qd, sd, od, pd, residual=res, silu_up=True)
-            assert torch.equal(a, b), f"M={M} splits={splits}"
-    with pytest.raises(RuntimeError, match="parts"):
-        ops.q4_gemm_small(x, qg, sg, og, pg, bias=torch.zeros(2 * F, device=DEV).half(), parts=True)
-    with pytest.raises(RuntimeError, match="silu_up"):
-        ops.q4_gemm_small(parts, qd, sd, od, pd)
-
-
 def test_model_ops_fused_matmul_matches_reference():
     """model.ops.Ops.q4_matmul(norm=..., silu=...) on the GPU against the torch reference path."""
     from model.ops import Ops

@@ -9,12 +9,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 
     // q4 weights
     m.def("q4_gemm_small", &q4_gemm_small,
-          "out[M, N] = x[M, K][:, perm] @ dequant(qweight, scales, offsets) + bias + residual, M <= 8; parts: "
-          "returns the splits' partial sums [S, M, N] fp32 instead (fp32 x [S, M, 2K]: such sums of gate|up)",
+          "out[M, N] = x[M, K][:, perm] @ dequant(qweight, scales, offsets) + bias + residual, M <= 8",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"),
           py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("tn") = 0, py::arg("splits") = 0,
           py::arg("variant") = -1, py::arg("pdl") = -1, py::arg("norm_weight") = py::none(),
-          py::arg("norm_eps") = 0.0, py::arg("silu_up") = false, py::arg("mma") = false, py::arg("parts") = false);
+          py::arg("norm_eps") = 0.0, py::arg("silu_up") = false, py::arg("mma") = false);
     m.def("q4_gemm_plan", &q4_gemm_plan_info,
           "[tn, splits, rows_per_split, rows_per_trow, variant, tiles, smem_bytes] the kernel would use",
           py::arg("M"), py::arg("K"), py::arg("N"), py::arg("groups"), py::arg("device"), py::arg("tn") = 0,

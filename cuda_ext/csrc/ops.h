@@ -6,12 +6,11 @@
 #include <optional>
 
 // q4 (ops_q4.cpp)
-torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                            const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
-                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                            const std::optional<torch::Tensor>& out, int64_t tn, int64_t splits, int64_t variant,
-                            int64_t pdl, const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up,
-                            bool mma, bool parts);
+void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
+                   const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up, bool mma);
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,
                                        int64_t tn, int64_t splits, int64_t variant);
 std::string q4_gemm_variant_name_py(int64_t M, int64_t variant);

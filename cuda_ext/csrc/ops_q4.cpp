@@ -181,36 +181,29 @@ DequantSource dequant_source(const char* who, const torch::Tensor& qweight, cons
 
 }  // namespace
 
-torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                            const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
-                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                            const std::optional<torch::Tensor>& out, int64_t tn, int64_t splits, int64_t variant,
-                            int64_t pdl, const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up,
-                            bool mma, bool parts)
+void q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
+                   const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                   torch::Tensor& out, int64_t tn, int64_t splits, int64_t variant, int64_t pdl,
+                   const std::optional<torch::Tensor>& norm_weight, double norm_eps, bool silu_up, bool mma)
 {
     int64_t K, N, groups;
     check_q4_weights(qweight, scales, offsets, perm, K, N, groups);
-    // x fp32 [S, M, 2K]: gate|up as the partial sums of S splits (a parts=True call's result), silu_up only
-    const bool x_parts = x.scalar_type() == torch::kFloat32;
-    if (x_parts)
+    EXL_CHECK_DTYPE(x, torch::kFloat16);
+    EXL_CHECK_DIM(x, 2);
+    EXL_CHECK_CONTIG(x);
+    EXL_CHECK_SAME_DEVICE(x, qweight);
+    EXL_CHECK_ALIGNED(x, 16);
+    EXL_CHECK(!(silu_up && norm_weight.has_value()), "q4_gemm_small: norm_weight and silu_up cannot be combined");
+    if (silu_up)
     {
-        EXL_CHECK(silu_up && !mma, "q4_gemm_small: fp32 x (split partial sums) takes silu_up and the row layout");
-        EXL_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(2) == 2 * K && x.is_contiguous(),
-                  "fp32 x must be contiguous [S, M, 2K] partial sums of gate|up with K=", K, " (got ", x.sizes(), ")");
+        EXL_CHECK(x.size(1) == 2 * K, "with silu_up, x must be [M, 2K] = gate|up with K=", K, " (got shape ",
+                  x.sizes(), ")");
     }
     else
     {
-        EXL_CHECK_DTYPE(x, torch::kFloat16);
-        EXL_CHECK_DIM(x, 2);
-        EXL_CHECK_CONTIG(x);
-        EXL_CHECK_ALIGNED(x, 16);
-        EXL_CHECK(x.size(1) == (silu_up ? 2 : 1) * K, silu_up ? "with silu_up, x must be [M, 2K] = gate|up with K="
-                  : "x must be [M, K] with K=", K, " (got shape ", x.sizes(), ")");
+        EXL_CHECK_SIZE(x, 1, K);
     }
-    EXL_CHECK_SAME_DEVICE(x, qweight);
-    EXL_CHECK(!(silu_up && norm_weight.has_value()), "q4_gemm_small: norm_weight and silu_up cannot be combined");
-    EXL_CHECK(!parts || (!mma && !bias.has_value() && !residual.has_value()),
-              "q4_gemm_small: parts (split partial sums out) takes no bias or residual and the row layout");
     if (norm_weight.has_value())
     {
         EXL_CHECK_DTYPE((*norm_weight), torch::kFloat32);
@@ -218,17 +211,13 @@ torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight
         EXL_CHECK_SAME_DEVICE((*norm_weight), qweight);
         EXL_CHECK(norm_weight->numel() == K, "norm_weight must have K=", K, " elements (got ", norm_weight->sizes(), ")");
     }
-    const int64_t M = x.size(x_parts ? 1 : 0);
+    const int64_t M = x.size(0);
     EXL_CHECK(M >= 1 && M <= Q4_MAX_ROWS, "q4_gemm_small takes 1..", Q4_MAX_ROWS, " rows (got M=", M, ")");
-    EXL_CHECK(parts || out.has_value(), "q4_gemm_small: out is required (unless parts)");
-    if (out.has_value())
-    {
-        EXL_CHECK_DTYPE((*out), torch::kFloat16);
-        EXL_CHECK_CONTIG((*out));
-        EXL_CHECK_SAME_DEVICE((*out), qweight);
-        EXL_CHECK(out->dim() == 2 && out->size(0) == M && out->size(1) == N,
-                  "out must have shape [", M, ", ", N, "] (got ", out->sizes(), ")");
-    }
+    EXL_CHECK_DTYPE(out, torch::kFloat16);
+    EXL_CHECK_CONTIG(out);
+    EXL_CHECK_SAME_DEVICE(out, qweight);
+    EXL_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
+                "out must have shape [", M, ", ", N, "] (got ", out.sizes(), ")");
     if (bias.has_value())
     {
         EXL_CHECK_DTYPE((*bias), torch::kFloat16);
@@ -263,39 +252,26 @@ torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight
     EXL_CHECK(nsplits > 0, "q4_gemm_small: no kernel configuration for M=", M, " K=", K, " N=", N,
                 " groups=", groups, " tn=", tn, " splits=", splits, mma ? " (mma layout)" : "");
 
-    torch::Tensor workspace, result;
+    torch::Tensor workspace;
     Q4GemmArgs a{};
-    if (parts)
-    {
-        result = torch::empty({(int64_t)nsplits, M, N}, x.options().dtype(torch::kFloat32));
-        a.parts_out = result.data_ptr<float>();
-    }
-    else if (nsplits > 1)
+    if (nsplits > 1)
     {
         workspace = torch::empty({(int64_t)nsplits * M * N}, x.options().dtype(torch::kFloat32));
         a.workspace = workspace.data_ptr<float>();
         a.counters = tile_counters(qweight.device());
     }
-    if (x_parts)
-    {
-        a.x_parts = x.data_ptr<float>();
-        a.x_nparts = (int)x.size(0);
-    }
-    else
-    {
-        a.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
-    }
+    a.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
     a.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
     a.scales = reinterpret_cast<const half*>(scales.data_ptr<at::Half>());
     a.offsets = reinterpret_cast<const half*>(offsets.data_ptr<at::Half>());
     perm_ptrs(perm, a.perm32, a.perm64);
     a.bias = bias.has_value() ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr;
     a.residual = residual.has_value() ? reinterpret_cast<const half*>(residual->data_ptr<at::Half>()) : nullptr;
-    a.out = out.has_value() ? reinterpret_cast<half*>(out->data_ptr<at::Half>()) : nullptr;
-    a.x_stride = (int)x.size(x.dim() - 1);
+    a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+    a.x_stride = (int)x.size(1);
     a.norm_w = norm_weight.has_value() ? norm_weight->data_ptr<float>() : nullptr;
     a.norm_eps = (float)norm_eps;
-    a.x_up = silu_up && !x_parts ? a.x + K : nullptr;
+    a.x_up = silu_up ? a.x + K : nullptr;
     a.M = (int)M;
     a.K = (int)K;
     a.N = (int)N;
@@ -305,7 +281,6 @@ torch::Tensor q4_gemm_small(const torch::Tensor& x, const torch::Tensor& qweight
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     C10_CUDA_CHECK(mma ? q4_mma_launch(mplan, a, stream) : q4_gemm_small_launch(plan, a, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return parts ? result : *out;
 }
 
 std::vector<int64_t> q4_gemm_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device,

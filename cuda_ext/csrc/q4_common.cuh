@@ -79,31 +79,11 @@ __device__ __forceinline__ void rows_norm_inv(const Q4GemmArgs& a, int M, int xs
 __device__ __forceinline__ void load_x8(const Q4GemmArgs& a, int m, int k0, int xstride, const float* norm_inv,
                                         float (&v)[8])
 {
+    const half* xr = a.x + (size_t)m * xstride;
     int kidx[8];
     #pragma unroll
     for (int j = 0; j < 8; ++j)
         kidx[j] = a.perm32 ? a.perm32[k0 + j] : (a.perm64 ? (int)a.perm64[k0 + j] : k0 + j);
-    if (a.x_parts)
-    {
-        // gate|up as split partial sums (added in split order, then fp16 as the reduced row), silu(gate) * up
-        const float* xr = a.x_parts + (size_t)m * xstride;
-        const size_t part = (size_t)a.M * xstride;
-        #pragma unroll
-        for (int j = 0; j < 8; ++j)
-        {
-            float g = 0.f, u = 0.f;
-            for (int s = 0; s < a.x_nparts; ++s)
-            {
-                g += __ldcg(xr + s * part + kidx[j]);
-                u += __ldcg(xr + s * part + a.K + kidx[j]);
-            }
-            g = __half2float(__float2half_rn(g));
-            u = __half2float(__float2half_rn(u));
-            v[j] = __half2float(__float2half_rn(g / (1.0f + __expf(-g)) * u));
-        }
-        return;
-    }
-    const half* xr = a.x + (size_t)m * xstride;
     if (a.perm32 || a.perm64)
     {
         #pragma unroll
@@ -156,15 +136,6 @@ __device__ __forceinline__ void finish_tile(const Q4GemmArgs& a, const float* re
             if (tile * tn + col < N) fn(m, col, tile * tn + col);
         }
     };
-    if (a.parts_out)
-    {
-        each_column([&](int m, int col, int nn) {
-            float v = 0.f;
-            for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];
-            a.parts_out[((size_t)split * M + m) * N + nn] = v;
-        });
-        return;
-    }
     each_column([&](int m, int col, int nn) {
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += red[(w * M + m) * tn + col];

@@ -45,13 +45,6 @@ struct Q4GemmArgs
     const float* norm_w;       // [K] or null: x <- rms_norm(x row over all K, norm_eps) * norm_w
     float norm_eps;
     const half* x_up;          // [M, x_stride] or null: x <- silu(x) * x_up (rows like x)
-    // Split-K partial sums instead of fp16 rows (row kernel only): parts_out [splits, M, N] receives each split's
-    // sums unreduced (no bias, residual, workspace or counters; the consumer adds the splits). x_parts
-    // [x_nparts, M, x_stride] fp32: x is such partial sums of gate|up, with the silu prologue (x and x_up null):
-    // gate = the splits' sum at column k, up at column K + k, each rounded to fp16 as a reduced row would be.
-    float* parts_out;
-    const float* x_parts;
-    int x_nparts;
 };
 
 // tn / splits = 0 and variant < 0 pick automatically. pdl: 0 off, 1 / 2 as above (sm_90+ only).
