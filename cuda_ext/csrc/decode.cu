@@ -165,10 +165,11 @@ cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t str
 // to a workspace; the last block of the (b, kv head) combines them in split order.
 namespace attn {
 
-// Key rows in flight per lane (a block's first UNR rows a lane are loaded before the PDL wait);
-// -DATT_UNR=n for A/B builds.
+// Key rows in flight per lane (a block's first UNR rows a lane are loaded before the PDL wait, the next UNR
+// while they are used); -DATT_UNR=n for A/B builds. 8 against 4 on an H100, 7B: 527-529 / 459 t/s against 521 /
+// 449 (twice the rows in flight before the wait; docs/performance.md, session 6).
 #ifndef ATT_UNR
-#define ATT_UNR 4
+#define ATT_UNR 8
 #endif
 constexpr int UNR = ATT_UNR;
 
