@@ -165,18 +165,13 @@ cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t str
 // to a workspace; the last block of the (b, kv head) combines them in split order.
 namespace attn {
 
-// Key rows in flight per lane (a block's first unr rows a lane are loaded before the PDL wait, the next unr
-// while they are used): 8 for head dim 128, 4 for 64; -DATT_UNR=n forces one for A/B builds. On an H100
-// (docs/performance.md, session 6): 7B (D 128) 527-529 / 459 t/s with 8 against 521 / 449 with 4; SmolLM2-135M
-// (D 64) 1,612-1,615 / 1,320-1,323 with 8 against 1,646-1,652 / 1,375-1,381 with 4.
-__host__ __device__ constexpr int unr_for(int D)
-{
-#ifdef ATT_UNR
-    return D > 0 ? ATT_UNR : 0;
-#else
-    return D >= 128 ? 8 : 4;
+// Key rows in flight per lane (a block's first UNR rows a lane are loaded before the PDL wait, the next UNR
+// while they are used); -DATT_UNR=n for A/B builds. 8 against 4 on an H100, 7B: 527-529 / 459 t/s against 521 /
+// 449 (twice the rows in flight before the wait; docs/performance.md, session 6).
+#ifndef ATT_UNR
+#define ATT_UNR 8
 #endif
-}
+constexpr int UNR = ATT_UNR;
 
 __device__ __forceinline__ uint4 ld_stream(const half* p)
 {
@@ -245,7 +240,6 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     const half* kb = kc + head_off;
     const half* vb = vc + head_off;
     const int j0 = e0 + warp * KPW;                     // this warp's first key rows
-    constexpr int UNR = unr_for(D);
     uint4 kraw[UNR], vraw[UNR];
     #pragma unroll
     for (int u = 0; u < UNR; ++u)
@@ -584,7 +578,7 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
         // One loop iteration a block (its rows are loaded before the PDL wait) when that still gives a
         // block an SM, else two (few kv heads: fewer, fuller blocks win); longer chunks once the grid would
         // pass ~4 blocks an SM. Splits past the position exit at once.
-        const int per_iter = KPB * attn::unr_for(D);
+        const int per_iter = KPB * attn::UNR;
         const int sms = std::max(sm_count, 1);
         const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter) >= sms ? 1 : 2;
         int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
