@@ -897,9 +897,11 @@ def test_model_ops_decode_step_matches_reference():
     assert rel_err(outs[0][0], outs[1][0]) < ELEM_TOL
 
 
+# p in a block's first batch of rows (loaded before the PDL wait) or its second (loaded after it)
 @pytest.mark.parametrize("B,H,Hkv,D,p,kv_len,splits", [(1, 32, 32, 128, 200, 256, 0), (2, 9, 3, 64, 0, 64, 0),
                                                         (3, 8, 2, 128, 1500, 2048, 0), (2, 8, 1, 64, 77, 128, 5),
-                                                        (1, 4, 4, 128, 300, 512, 1)])
+                                                        (1, 4, 4, 128, 300, 512, 1), (1, 32, 32, 128, 40, 256, 0),
+                                                        (1, 32, 32, 128, 127, 256, 0), (1, 9, 3, 64, 100, 256, 0)])
 def test_rotary_inside_decode_attention(B, H, Hkv, D, p, kv_len, splits):
     """decode_attention with its rotary prologue (one launch) == rope_kv_write then decode_attention: the
     output within fp32 summation-order noise, the new key and value in the cache bit for bit, q untouched."""

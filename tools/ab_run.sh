@@ -2,17 +2,23 @@
 # A/B on the device in one call: this tree against ab_base/ (a copy of the base commit's engine, git-ignored:
 #   mkdir ab_base && git archive REV model cuda_ext tools benchmark.py | tar -x -C ab_base
 # and carried to the device), each with its own extension build. Env: SHAPES (default "135m 7b"), TESTS (pytest -k filter; empty: skip), ATT=1 adds
-# tools/bench_attention.py for both, RUNS (benchmark repeats, default 2), PROFILE=1 a decode timeline per shape (new).
+# tools/bench_attention.py for both, RUNS (benchmark repeats, default 2), PROFILE=1 a decode timeline per shape (new),
+# BUILDS="name:-DFLAG[,-DFLAG2] ..." more builds of this tree (EXLLAMA_NVCC_FLAGS, own extension folder) benchmarked
+# beside the two, KBENCH="cmd" a kernel benchmark run for every build (the tools of this tree), PHASE=build (builds, checkpoints, tests, attention) / bench (benchmarks) splits the work over two calls.
 source "$(dirname "$0")/gpu_env.sh" ab_out
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 ( cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY -c "from cuda_ext import build; build.load(); print('base ext ok')" 2>&1 | tail -1 ) &
+for b in ${BUILDS:-}; do
+  EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" \
+    $PY -c "from cuda_ext import build; build.load(); print('${b%%:*} ext ok')" 2>&1 | tail -1 &
+done
 $PY -c "from cuda_ext import build; build.load(); print('ext ok')" 2>&1 | tail -1
 wait
 for s in ${SHAPES:-135m 7b}; do
   gs=128; [ $s = 135m ] && gs=32
   [ -d /tmp/rand_$s ] || $PY tools/make_random_gptq.py -o /tmp/rand_$s --shape $s --group-size $gs > /dev/null &
 done
-if [ -n "${TESTS:-}" ]; then
+if [ "${PHASE:-all}" != bench ] && [ -n "${TESTS:-}" ]; then
   timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_fused.py -k "$TESTS" 2>&1 \
     | tail -3 | tee -a "$OUT/summary.txt"
 fi
@@ -21,7 +27,22 @@ if [ "${ATT:-0}" = 1 ]; then
   echo "== attention, new" | tee -a "$OUT/summary.txt"; $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt"
   echo "== attention, base" | tee -a "$OUT/summary.txt"
   (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt")
+  for b in ${BUILDS:-}; do
+    echo "== attention, ${b%%:*}" | tee -a "$OUT/summary.txt"
+    EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" $PY tools/bench_attention.py 2>&1 \
+      | tee -a "$OUT/summary.txt"
+  done
 fi
+if [ -n "${KBENCH:-}" ]; then          # a kernel benchmark command (this tree's tools/) for every build
+  echo "== $KBENCH: new" | tee -a "$OUT/summary.txt"; $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
+  echo "== base" | tee -a "$OUT/summary.txt"
+  (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt")
+  for b in ${BUILDS:-}; do
+    echo "== ${b%%:*}" | tee -a "$OUT/summary.txt"
+    EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
+  done
+fi
+[ "${PHASE:-all}" = build ] && exit 0
 if [ "${PROFILE:-0}" = 1 ]; then
   for s in ${SHAPES:-135m 7b}; do
     echo "== decode timeline $s" | tee -a "$OUT/summary.txt"
@@ -33,5 +54,10 @@ for s in ${SHAPES:-135m 7b}; do
     echo "== $s new" | tee -a "$OUT/summary.txt"; $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
     echo "== $s base" | tee -a "$OUT/summary.txt"
     (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt")
+    for b in ${BUILDS:-}; do
+      echo "== $s ${b%%:*}" | tee -a "$OUT/summary.txt"
+      EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" \
+        $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+    done
   done
 done

@@ -1,6 +1,6 @@
 """Time the decode attention kernel (single query over the KV cache) on model shapes.
 
-    python tools/bench_attention.py [--splits 0,1,2,4,8] [--layers 32]
+    python tools/bench_attention.py [--splits 0,1,2,4,8] [--layers 32] [--shapes 135M,7B]
 
 Each row: one model shape (batch 1), a key bucket kv_len and the query position; microseconds per call
 from a CUDA graph of back-to-back calls over `--layers` separate caches (as the decode step runs them,
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cuda_ext import build, ops  # noqa: E402
 
 SHAPES = [("135M", 9, 3, 64), ("7B", 32, 32, 128)]   # (name, H, Hkv, D)
-CASES = [(256, 100), (2048, 2000)]                    # (kv_len, pos)
+CASES = [(256, 40), (256, 100), (2048, 2000)]         # (kv_len, pos)
 
 
 def time_graph(fn, calls: int, replays: int = 20) -> float:
@@ -47,12 +47,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--splits", default="0,1,2,4,8,16")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shapes", default=",".join(n for n, *_ in SHAPES), help="of " + ", ".join(n for n, *_ in SHAPES))
     args = ap.parse_args()
     dev = torch.device("cuda")
     ext = build.load()
     S = 2048
     print(f"{torch.cuda.get_device_name()}; us per call, {args.layers} caches")
-    for name, H, Hkv, D in SHAPES:
+    for name, H, Hkv, D in (sh for sh in SHAPES if sh[0] in args.shapes.split(",")):
         kc = [torch.randn(1, Hkv, S, D, device=dev).half() for _ in range(args.layers)]
         vc = [torch.randn(1, Hkv, S, D, device=dev).half() for _ in range(args.layers)]
         q = torch.randn(1, 1, H, D, device=dev).half()

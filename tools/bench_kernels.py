@@ -224,6 +224,18 @@ def bench_dense_gemv(K, N):
     return us, (per + 2 * K + 2 * N) / (us * 1e-6) / 1e9
 
 
+def bench_lm_head(K, N, copies=4):
+    """Our fp16 GEMV (ops.dense_gemv, the decode step's LM head with its RMSNorm prologue): us a call and GB/s,
+    calls chained in a graph over `copies` weight copies (each far larger than L2)."""
+    ws = [torch.randn(N, K, device=DEV).half() for _ in range(copies)]
+    x = torch.randn(1, K, device=DEV).half()
+    nw = torch.rand(K, device=DEV) + 0.5
+    out = torch.empty(1, N, device=DEV).half()
+    us, _ = time_calls([(lambda w=w: ops.dense_gemv(x, w, out=out, norm_weight=nw, norm_eps=1e-5)) for w in ws] * 4)
+    del ws
+    return us, K * N * 2 / (us * 1e-6) / 1e9
+
+
 def bench_prefill(K, N, gs, M=2048):
     qw, sc, of = q4_layer(K, N, gs)
     x = torch.randn(M, K, device=DEV).half()
@@ -243,6 +255,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="try every tile width / split / variant at M=1")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="7B 4096x4096 and one SmolLM shape only")
+    ap.add_argument("--lm-head", action="store_true", help="only our fp16 GEMV on LM head shapes (7B, SmolLM2)")
     ap.add_argument("--variants", nargs="*", default=None, metavar="NAME",
                     help="only compare the M=1 inner-loop variants (all, or those named)")
     args = ap.parse_args()
@@ -254,6 +267,11 @@ def main():
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
+    if args.lm_head:
+        for name, K, N in (("7B lm_head", 4096, 32000), ("SmolLM2 lm_head", 576, 49152)):
+            us, gbps = bench_lm_head(K, N)
+            print(f"{name} {K}x{N}: {us:.2f} us, {gbps:.0f} GB/s", flush=True)
+        return
     if args.variants is not None:
         res = compare_variants(ext, args.variants)
         if args.json:

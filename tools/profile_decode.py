@@ -68,15 +68,19 @@ def main():
             cache.truncate(start)
 
     if args.timeline:     # wall time without the profiler, and how long the host took to queue the work
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         for _ in range(3):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            ev[0].record()            # the GPU is idle: it passes this event as soon as it is queued
             run()
+            ev[1].record()
             t1 = time.perf_counter()
             torch.cuda.synchronize()
             t2 = time.perf_counter()
             print(f"wall {1e3 * (t2 - t0) / args.steps:.3f} ms per step, host queued it in "
-                  f"{1e3 * (t1 - t0) / args.steps:.3f} ms")
+                  f"{1e3 * (t1 - t0) / args.steps:.3f} ms, GPU from first to last event "
+                  f"{ev[0].elapsed_time(ev[1]) / args.steps:.3f} ms")
     with profile(activities=acts) as prof:
         run()
         torch.cuda.synchronize()

@@ -165,13 +165,18 @@ cudaError_t rope_kv_write_launch(const RopeKvArgs& a, bool pdl, cudaStream_t str
 // to a workspace; the last block of the (b, kv head) combines them in split order.
 namespace attn {
 
-// Key rows in flight per lane (a block's first UNR rows a lane are loaded before the PDL wait, the next UNR
-// while they are used); -DATT_UNR=n for A/B builds. 8 against 4 on an H100, 7B: 527-529 / 459 t/s against 521 /
-// 449 (twice the rows in flight before the wait; docs/performance.md, session 6).
-#ifndef ATT_UNR
-#define ATT_UNR 8
+// Key rows in flight per lane: a block's first UNR rows a lane are loaded before the PDL wait, the next UNR
+// while they are used. 8 for head dim 128, 4 for 64, on an H100 (docs/performance.md, session 6: 7B 527-529 /
+// 459 t/s with 8 against 521 / 449 with 4; SmolLM2-135M, head dim 64: 1,646-1,652 with 4 against 1,612-1,615
+// with 8). -DATT_UNR=n forces n (A/B builds).
+__host__ __device__ constexpr int unr_for(int D)
+{
+#ifdef ATT_UNR
+    return ATT_UNR + 0 * D;
+#else
+    return D >= 128 ? 8 : 4;
 #endif
-constexpr int UNR = ATT_UNR;
+}
 
 __device__ __forceinline__ uint4 ld_stream(const half* p)
 {
@@ -202,6 +207,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
     constexpr int KPW = 32 / L;
     constexpr int NW = ATT_THREADS / 32;
     constexpr int KPB = NW * KPW;
+    constexpr int UNR = unr_for(D);
     extern __shared__ float4 att_smem4[];
     float* sm = reinterpret_cast<float*>(att_smem4);
     __shared__ float s_m[G], s_l[G];
@@ -578,7 +584,7 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
         // One loop iteration a block (its rows are loaded before the PDL wait) when that still gives a
         // block an SM, else two (few kv heads: fewer, fuller blocks win); longer chunks once the grid would
         // pass ~4 blocks an SM. Splits past the position exit at once.
-        const int per_iter = KPB * attn::UNR;
+        const int per_iter = KPB * attn::unr_for(D);
         const int sms = std::max(sm_count, 1);
         const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter) >= sms ? 1 : 2;
         int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
