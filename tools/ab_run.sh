@@ -4,13 +4,15 @@
 # and carried to the device), each with its own extension build. Env: SHAPES (default "135m 7b"), TESTS (pytest -k filter; empty: skip), ATT=1 adds
 # tools/bench_attention.py for both, RUNS (benchmark repeats, default 2), PROFILE=1 a decode timeline per shape (new),
 # BUILDS="name:-DFLAG[,-DFLAG2] ..." more builds of this tree (EXLLAMA_NVCC_FLAGS, own extension folder) benchmarked
-# beside the two, KBENCH="cmd" a kernel benchmark run for every build (the tools of this tree), PHASE=build (builds, checkpoints, tests, attention) / bench (benchmarks) splits the work over two calls.
+# beside the two, KBENCH="cmd" a kernel benchmark run for every build (the tools of this tree), PHASE=build
+# (builds, checkpoints, tests, attention) / bench (benchmarks) splits the work over two calls.
 source "$(dirname "$0")/gpu_env.sh" ab_out
+# A flag build's runs pass its flags too: torch's loader rebuilds a folder whose flags differ from the caller's.
+in_build() { local b=$1; shift; EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo "${b#*:}" | tr , ' ')" "$@"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 ( cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY -c "from cuda_ext import build; build.load(); print('base ext ok')" 2>&1 | tail -1 ) &
 for b in ${BUILDS:-}; do
-  EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" \
-    $PY -c "from cuda_ext import build; build.load(); print('${b%%:*} ext ok')" 2>&1 | tail -1 &
+  in_build "$b" $PY -c "from cuda_ext import build; build.load(); print('${b%%:*} ext ok')" 2>&1 | tail -1 &
 done
 $PY -c "from cuda_ext import build; build.load(); print('ext ok')" 2>&1 | tail -1
 wait
@@ -29,8 +31,7 @@ if [ "${ATT:-0}" = 1 ]; then
   (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt")
   for b in ${BUILDS:-}; do
     echo "== attention, ${b%%:*}" | tee -a "$OUT/summary.txt"
-    EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" $PY tools/bench_attention.py 2>&1 \
-      | tee -a "$OUT/summary.txt"
+    in_build "$b" $PY tools/bench_attention.py 2>&1 | tee -a "$OUT/summary.txt"
   done
 fi
 if [ -n "${KBENCH:-}" ]; then          # a kernel benchmark command (this tree's tools/) for every build
@@ -39,7 +40,7 @@ if [ -n "${KBENCH:-}" ]; then          # a kernel benchmark command (this tree's
   (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt")
   for b in ${BUILDS:-}; do
     echo "== ${b%%:*}" | tee -a "$OUT/summary.txt"
-    EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
+    in_build "$b" $KBENCH 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
   done
 fi
 [ "${PHASE:-all}" = build ] && exit 0
@@ -56,8 +57,7 @@ for s in ${SHAPES:-135m 7b}; do
     (cd ab_base && EXLLAMA_EXT_DIR=/tmp/ext_base $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt")
     for b in ${BUILDS:-}; do
       echo "== $s ${b%%:*}" | tee -a "$OUT/summary.txt"
-      EXLLAMA_EXT_DIR=/tmp/ext_${b%%:*} EXLLAMA_NVCC_FLAGS="$(echo ${b#*:} | tr , ' ')" \
-        $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+      in_build "$b" $PY benchmark.py -p -d /tmp/rand_$s -l 2048 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
     done
   done
 done
