@@ -280,6 +280,15 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
             wb[u] = (col_ok && U + u < n) ? load_w<1>(wp + (size_t)(U + u) * wstride, pol) : make_uint4(0, 0, 0, 0);
     }
 
+    // The fused norm's weights are constants too: the block's K range of them into L1 before the wait, so the
+    // staging after it does not wait on L2 for them (a permuted K gathers from anywhere: left to the staging).
+    // 7B on an H100: 536.7-537.1 / 459.1-460.3 -> 540.7-540.9 / 461.7-461.9 t/s (docs/performance.md, session 7).
+    if (a.norm_w && !a.perm32 && !a.perm64)
+    {
+        for (int r = tid * 4; r < nrows; r += Q4_THREADS * 4)          // 4 packed rows' weights: a 128-byte line
+            asm volatile("prefetch.global.L1 [%0];" :: "l"(a.norm_w + (size_t)(pb0 + r) * 8));
+    }
+
     float s4[4] = {0.f, 0.f, 0.f, 0.f};
     float o4[4] = {0.f, 0.f, 0.f, 0.f};
     int g = i0 / a.gpr;
