@@ -3,7 +3,7 @@ random 4-bit GPTQ model (runs wherever a GPU is, no embedded model needed)."""
 import pytest
 import torch
 
-from tiny import gptq_checkpoint, hf_tiny, load_ours
+from tiny import gptq_checkpoint, greedy_both_ways, hf_tiny, load_ours
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -132,26 +132,7 @@ def test_captured_greedy_step_picks_what_the_logits_step_picks(models):
     """GraphDecoder.greedy (argmax kernel and position advance inside the CUDA graph, the pick fed straight
     back as the next input) gives the tokens the captured logits step's argmax gives, across key buckets and
     after a rewind."""
-    from model.graph import GraphDecoder
     _, gpu = models
-    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3)).cuda()
-    picks = {}
-    for mode in ("logits", "greedy"):
-        cache = gpu.new_cache()
-        gpu(ids, cache)
-        dec = GraphDecoder(gpu, cache, bucket=16)
-        tok, toks = ids[:, -1:], []
-        for i in range(40):                   # positions 40..79: three key buckets
-            if mode == "logits":
-                tok = dec(tok)[:, -1].argmax(-1, keepdim=True)
-            else:
-                res = dec.greedy(tok if i == 0 else None)
-                assert int(res[0, 1]) == 1
-                tok = res[:, :1].clone()
-                if i == 25:
-                    cache.truncate(cache.length - 1)
-                    again = dec.greedy(torch.tensor([[toks[-1]]], device="cuda"))
-                    assert torch.equal(again[:, :1], tok)
-            toks.append(int(tok))
-        picks[mode] = toks
+    ids = torch.randint(0, 512, (1, 41), generator=torch.Generator().manual_seed(3)).cuda()
+    picks = greedy_both_ways(gpu, ids, 40, 40, bucket=16, use_graphs=True)   # positions 40..79: three key buckets
     assert picks["greedy"] == picks["logits"]

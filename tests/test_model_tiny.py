@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tiny import gptq_checkpoint, hf_tiny, load_ours, save_hf
+from tiny import gptq_checkpoint, greedy_both_ways, hf_tiny, load_ours, save_hf
 
 from model.quant import (dequantize, from_gptq, from_mma_layout, mma_layout_ok, pack_int4, unpack_int4, pack_cols_int4,
                          to_mma_layout, unpack_cols_int4)
@@ -199,39 +199,13 @@ def test_model_in_mma_layout_gives_the_same_output(tmp_path, act_order):
     assert torch.equal(model(ids, last_only=False), before)
 
 
-def _greedy_both_ways(ours, ids, prefix, n):
-    """n greedy tokens after ids[:, :prefix]: from the logits step (argmax outside) and from the greedy step
-    (argmax inside), each on its own cache; the greedy one is rewound and replayed once on the way."""
-    from model.graph import GraphDecoder
-    picks = {}
-    for mode in ("logits", "greedy"):
-        cache = ours.new_cache()
-        ours(ids[:, :prefix], cache)
-        dec = GraphDecoder(ours, cache, bucket=8, use_graphs=False)
-        tok, toks = ids[:, prefix:prefix + 1], []
-        for i in range(n):
-            if mode == "logits":
-                tok = dec(tok)[:, -1].argmax(-1, keepdim=True)
-            else:
-                fed = tok.clone()
-                res = dec.greedy(tok if i == 0 else None).clone()
-                assert int(res[0, 1]) == 1                    # the picked logit is finite
-                if i == n // 2:                                # jump back: the position is written again
-                    cache.truncate(cache.length - 1)
-                    assert torch.equal(dec.greedy(fed), res)
-                tok = res[:, :1]
-            toks.append(int(tok))
-        picks[mode] = toks
-    return picks
-
-
 def test_greedy_step_picks_the_argmax_of_the_logits_step(tmp_path):
     """GraphDecoder.greedy (argmax inside the step, the position advanced by the step itself) gives the tokens
     the logits step's argmax gives, also after a rewind; greedy(None) needs a previous greedy step."""
     from model.graph import GraphDecoder
     ours = load_ours(save_hf(hf_tiny(seed=7), tmp_path / "m"), max_seq_len=64)
     ids = torch.randint(0, 96, (1, 8))
-    picks = _greedy_both_ways(ours, ids, 6, 12)
+    picks = greedy_both_ways(ours, ids, 6, 12)
     assert picks["greedy"] == picks["logits"]
     cache = ours.new_cache()
     ours(ids, cache)
@@ -271,5 +245,5 @@ def test_layers_split_over_devices_give_the_same_output(tmp_path):
     dec = GraphDecoder(ours, cache, bucket=8, use_graphs=False)
     outs = [dec(ids[:, i:i + 1]) for i in range(5, 16)]
     assert rel(torch.cat(outs, 1), ref[:, 5:]) < 1e-5
-    picks = _greedy_both_ways(ours, ids, 5, 8)       # the greedy pick hops back to the first segment
+    picks = greedy_both_ways(ours, ids, 5, 8)       # the greedy pick hops back to the first segment
     assert picks["greedy"] == picks["logits"]

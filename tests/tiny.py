@@ -110,3 +110,30 @@ def load_ours(folder: Path, **runtime) -> LlamaModel:
     cfg = ModelConfig.from_file(folder / "config.json")
     rt = RuntimeConfig(**{"dtype": "float32", "weight_dtype": "float32", "device": "cpu", **runtime})
     return load_safetensors_model(LlamaModel(cfg, rt), folder, None).finalize()
+
+
+def greedy_both_ways(ours, ids, prefix, n, bucket=8, use_graphs=False):
+    """n greedy tokens after ids[:, :prefix]: from the logits step (argmax outside) and from the greedy step
+    (argmax inside), each on its own cache and GraphDecoder(bucket, use_graphs); the greedy one is rewound and
+    replayed once on the way. -> {"logits": tokens, "greedy": tokens}"""
+    from model.graph import GraphDecoder
+    picks = {}
+    for mode in ("logits", "greedy"):
+        cache = ours.new_cache()
+        ours(ids[:, :prefix], cache)
+        dec = GraphDecoder(ours, cache, bucket=bucket, use_graphs=use_graphs)
+        tok, toks = ids[:, prefix:prefix + 1], []
+        for i in range(n):
+            if mode == "logits":
+                tok = dec(tok)[:, -1].argmax(-1, keepdim=True)
+            else:
+                fed = tok.clone()
+                res = dec.greedy(tok if i == 0 else None).clone()
+                assert int(res[0, 1]) == 1                    # the picked logit is finite
+                if i == n // 2:                                # jump back: the position is written again
+                    cache.truncate(cache.length - 1)
+                    assert torch.equal(dec.greedy(fed), res)
+                tok = res[:, :1]
+            toks.append(int(tok))
+        picks[mode] = toks
+    return picks

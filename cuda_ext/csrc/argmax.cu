@@ -29,6 +29,9 @@ __device__ __forceinline__ void take(Best& b, float v, int i)
     if (better(v, i, b)) b = {v, i};
 }
 
+__device__ __forceinline__ float to_float(half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) argmax_rows_kernel(const T* __restrict__ logits, int64_t stride, int V,
                                                                int64_t* __restrict__ res, int64_t* __restrict__ ids,
@@ -59,22 +62,11 @@ __global__ void __launch_bounds__(kThreads) argmax_rows_kernel(const T* __restri
             if (c >= nvec) break;
             const T* e = reinterpret_cast<const T*>(&raw[u]);
             #pragma unroll
-            for (int j = 0; j < E; ++j)
-            {
-                float v;
-                if constexpr (sizeof(T) == 2) v = __half2float(e[j]);
-                else v = e[j];
-                take(b, v, c * E + j);
-            }
+            for (int j = 0; j < E; ++j) take(b, to_float(e[j]), c * E + j);
         }
     }
     for (int i = nvec * E + threadIdx.x; i < V; i += kThreads)   // the tail (or every element, unaligned)
-    {
-        float v;
-        if constexpr (sizeof(T) == 2) v = __half2float(x[i]);
-        else v = x[i];
-        take(b, v, i);
-    }
+        take(b, to_float(x[i]), i);
     #pragma unroll
     for (int off = 16; off > 0; off >>= 1)
     {
@@ -91,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) argmax_rows_kernel(const T* __restri
         for (int w = 1; w < kThreads / 32; ++w) take(t, warps[w].v, warps[w].i);
         const int64_t idx = t.i < V ? t.i : 0;
         res[2 * row] = idx;
-        res[2 * row + 1] = (t.v == t.v && t.v != INFINITY && t.v != -INFINITY) ? 1 : 0;
+        res[2 * row + 1] = isfinite(t.v) ? 1 : 0;
         if (ids) ids[row * ids_stride] = idx;
     }
 }

@@ -172,7 +172,8 @@ namespace attn {
 __host__ __device__ constexpr int unr_for(int D)
 {
 #ifdef ATT_UNR
-    return ATT_UNR + 0 * D;
+    (void)D;
+    return ATT_UNR;
 #else
     return D >= 128 ? 8 : 4;
 #endif

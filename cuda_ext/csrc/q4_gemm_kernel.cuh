@@ -343,7 +343,7 @@ q4_gemm_small_kernel(const Q4GemmArgs a, const int tn, const int rows_per_split,
             dst[0] = make_float4(v[0], v[1], v[2], v[3]);
             dst[1] = make_float4(v[4], v[5], v[6], v[7]);
         }
-        xs8[m * rows_per_split + r] = sum;
+        if constexpr (P != kProdI16) xs8[m * rows_per_split + r] = sum;   // integer rows: in their staged row
     }
     __syncthreads();
 
