@@ -125,8 +125,9 @@ def _build(verbose: bool):
         return cpp_extension.load(
             name=NAME,
             sources=[str(CSRC / s) for s in SOURCES],
-            extra_cflags=CFLAGS,
-            # EXLLAMA_NVCC_FLAGS: extra nvcc flags for A/B builds (with their own EXLLAMA_EXT_DIR)
+            # EXLLAMA_NVCC_FLAGS: extra nvcc flags for A/B builds (with their own EXLLAMA_EXT_DIR); its -D
+            # macros reach the C++ wrappers too
+            extra_cflags=CFLAGS + [f for f in os.environ.get("EXLLAMA_NVCC_FLAGS", "").split() if f.startswith("-D")],
             extra_cuda_cflags=CUDA_CFLAGS + os.environ.get("EXLLAMA_NVCC_FLAGS", "").split(),
             extra_include_paths=[str(CSRC)],
             build_directory=str(folder),

@@ -9,6 +9,7 @@
 namespace {
 
 constexpr int kThreads = 1024;
+static_assert(kThreads == 32 * 32, "the final reduction takes one warp's best a lane");
 
 struct Best
 {
@@ -77,14 +78,24 @@ __global__ void __launch_bounds__(kThreads) argmax_rows_kernel(const T* __restri
     __shared__ Best warps[kThreads / 32];
     if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = b;
     __syncthreads();
-    if (threadIdx.x == 0)
+    if (threadIdx.x < 32)
     {
-        Best t = warps[0];
-        for (int w = 1; w < kThreads / 32; ++w) take(t, warps[w].v, warps[w].i);
-        const int64_t idx = t.i < V ? t.i : 0;
-        res[2 * row] = idx;
-        res[2 * row + 1] = isfinite(t.v) ? 1 : 0;
-        if (ids) ids[row * ids_stride] = idx;
+        // the warps' bests by one more shuffle reduction (kThreads / 32 == 32 entries, one a lane)
+        Best t = warps[threadIdx.x];
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+        {
+            const float v = __shfl_xor_sync(0xffffffffu, t.v, off);
+            const int i = __shfl_xor_sync(0xffffffffu, t.i, off);
+            take(t, v, i);
+        }
+        if (threadIdx.x == 0)
+        {
+            const int64_t idx = t.i < V ? t.i : 0;
+            res[2 * row] = idx;
+            res[2 * row + 1] = isfinite(t.v) ? 1 : 0;
+            if (ids) ids[row * ids_stride] = idx;
+        }
     }
 }
 

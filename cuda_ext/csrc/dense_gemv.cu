@@ -118,14 +118,20 @@ cudaError_t dense_gemv_launch(const Q4GemmArgs& args, const half* weight, int64_
 {
     if (args.M < 1 || args.M > Q4_MAX_ROWS || (args.K & 7) || ldw % 8) return cudaErrorInvalidValue;
     const int rows_per_block = (DG_THREADS / 32) * DG_ROWS;
-    // Up to four blocks a multiprocessor: more would mostly repeat the prologue.
-    const unsigned blocks = (unsigned)std::min<long long>((args.N + rows_per_block - 1) / rows_per_block,
-                                                          4LL * std::max(1, sm_count));
     const size_t smem = (size_t)args.M * args.K * sizeof(float);
     if (smem > 48 * 1024)
     {
         cudaError_t err = cudaFuncSetAttribute(dense_gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (err != cudaSuccess) return err;
     }
+    // As many blocks as are resident at once (3 a multiprocessor at 78 registers), at most four (more would
+    // mostly repeat the prologue): a grid-stride block left waiting for a slot would run all its passes at
+    // the end, alone. H100: 7B LM head 103.2 -> 92.5 us, SmolLM2's 28.4 -> 24.0 us.
+    int per_sm = 0;
+    cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dense_gemv_kernel, DG_THREADS, smem);
+    if (err != cudaSuccess) return err;
+    per_sm = std::max(1, std::min(per_sm, 4));
+    const unsigned blocks = (unsigned)std::min<long long>((args.N + rows_per_block - 1) / rows_per_block,
+                                                          (long long)per_sm * std::max(1, sm_count));
     return launch_kernel(dense_gemv_kernel, dim3(blocks), dim3(DG_THREADS), smem, stream, pdl, args, weight, ldw);
 }
