@@ -289,23 +289,28 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 
     if (has_new)
     {
+        static_assert(ATT_THREADS >= D, "one element of the new key and value a thread");
         const int d = D / 2;
         const half* ks = rope.k + b * rope.ksb + kvh * rope.ksh;
         const half* vs = rope.v + b * rope.vsb + kvh * rope.vsh;
         half* kd = kc + (((size_t)b * Hkv + kvh) * S + p) * D;
         half* vd = vc + (((size_t)b * Hkv + kvh) * S + p) * D;
-        for (int i = tid; i < d; i += ATT_THREADS)
+        // Every load before the first store (which may alias them, for all the compiler knows): the new
+        // key and value come in one round trip, with q's, not in two after it.
+        const half k1 = tid < d ? ks[tid] : __float2half_rn(0.f);
+        const half k2 = tid < d ? ks[tid + d] : __float2half_rn(0.f);
+        const half vx = tid < D ? vs[tid] : __float2half_rn(0.f);
+        const float c = rot && tid < d ? __ldg(rope.cos + rp * d + tid) : 1.f;
+        const float sn = rot && tid < d ? __ldg(rope.sin + rp * d + tid) : 0.f;
+        if (tid < d)
         {
-            const float x1 = __half2float(ks[i]);
-            const float x2 = __half2float(ks[i + d]);
-            const float c = rot ? __ldg(rope.cos + rp * d + i) : 1.f;
-            const float sn = rot ? __ldg(rope.sin + rp * d + i) : 0.f;
-            const half y1 = rot ? __float2half_rn(rope_lo(x1, x2, c, sn)) : ks[i];
-            const half y2 = rot ? __float2half_rn(rope_hi(x1, x2, c, sn)) : ks[i + d];
-            knew[i] = kd[i] = y1;
-            knew[i + d] = kd[i + d] = y2;
+            const float x1 = __half2float(k1), x2 = __half2float(k2);
+            const half y1 = rot ? __float2half_rn(rope_lo(x1, x2, c, sn)) : k1;
+            const half y2 = rot ? __float2half_rn(rope_hi(x1, x2, c, sn)) : k2;
+            knew[tid] = kd[tid] = y1;
+            knew[tid + d] = kd[tid + d] = y2;
         }
-        for (int i = tid; i < D; i += ATT_THREADS) vnew[i] = vd[i] = vs[i];
+        if (tid < D) vnew[tid] = vd[tid] = vx;
         __syncthreads();
     }
     #pragma unroll
