@@ -197,8 +197,8 @@ __device__ __forceinline__ uint4 key_row(const half* base, const half* fresh_row
     return ld_stream(base + (size_t)j * D);
 }
 
-template <int D, int G>
-__global__ void __launch_bounds__(ATT_THREADS)
+template <int D, int G, int NT>
+__global__ void __launch_bounds__(NT)
 decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* kc, half* vc, int S, int Hkv,
                    const int64_t* __restrict__ pos, const int64_t* __restrict__ pad, int kv_len, int chunk,
                    float scale_log2, half* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
@@ -206,7 +206,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 {
     constexpr int L = D / 8;
     constexpr int KPW = 32 / L;
-    constexpr int NW = ATT_THREADS / 32;
+    constexpr int NW = NT / 32;
     constexpr int KPB = NW * KPW;
     constexpr int UNR = unr_for(D);
     extern __shared__ float4 att_smem4[];
@@ -289,7 +289,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 
     if (has_new)
     {
-        static_assert(ATT_THREADS >= D, "one element of the new key and value a thread");
+        static_assert(NT >= D, "one element of the new key and value a thread");
         const int d = D / 2;
         const half* ks = rope.k + b * rope.ksb + kvh * rope.ksh;
         const half* vs = rope.v + b * rope.vsb + kvh * rope.vsh;
@@ -463,7 +463,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
 
     const int H = Hkv * G;
     const int bh0 = b * H + kvh * G;                    // first query head (global row of out)
-    for (int item = tid; item < G * D; item += ATT_THREADS)
+    for (int item = tid; item < G * D; item += NT)
     {
         const int g = item / D;
         const int dd = item - g * D;
@@ -527,7 +527,7 @@ decode_attn_kernel(const half* __restrict__ q, int64_t qsb, int64_t qsh, half* k
         if (lane == 0) s_den[g] = den;
     }
     __syncthreads();
-    for (int item = tid; item < G * D; item += ATT_THREADS)
+    for (int item = tid; item < G * D; item += NT)
     {
         const int g = item / D;
         const int dd = item - g * D;
@@ -548,14 +548,16 @@ cudaError_t launch_attn(const DecodeAttnPlan& plan, const half* q, int64_t qsb, 
                         int kv_len, half* out, float* ws, int* counters, const AttnRope& rope, bool pdl,
                         cudaStream_t stream)
 {
-    auto kernel = decode_attn_kernel<D, G>;
+    if (plan.threads != ATT_THREADS && plan.threads != 2 * ATT_THREADS) return cudaErrorInvalidValue;
+    auto kernel = plan.threads == ATT_THREADS ? decode_attn_kernel<D, G, ATT_THREADS>
+                                              : decode_attn_kernel<D, G, 2 * ATT_THREADS>;
     if (plan.smem > 48 * 1024)
     {
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem);
         if (err != cudaSuccess) return err;
     }
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)D);
-    return launch_kernel(kernel, dim3(B * Hkv, plan.splits), dim3(ATT_THREADS), plan.smem, stream, pdl, q, qsb, qsh,
+    return launch_kernel(kernel, dim3(B * Hkv, plan.splits), dim3(plan.threads), plan.smem, stream, pdl, q, qsb, qsh,
                          kc, vc, S, Hkv, pos, pad, kv_len, plan.chunk, scale_log2, out, ws, counters, rope);
 }
 
@@ -580,20 +582,26 @@ cudaError_t launch_attn_g(int G, const DecodeAttnPlan& plan, const half* q, int6
 
 DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, int sm_count, int splits)
 {
-    DecodeAttnPlan p{0, 0, 0};
+    DecodeAttnPlan p{0, 0, 0, ATT_THREADS};
     if (B <= 0 || Hkv <= 0 || G < 1 || G > ATT_MAX_G || (D != 64 && D != 128) || kv_len <= 0) return p;
     if ((long long)B * Hkv > ATT_COUNTERS) return p;
-    const int KPB = (ATT_THREADS / 32) * (32 / (D / 8));
+    const int sms = std::max(sm_count, 1);
+    // Keys a block takes in one loop iteration (all requested before the PDL wait) with nt threads.
+    auto per_iter = [&](int nt) { return (nt / 32) * (32 / (D / 8)) * attn::unr_for(D); };
+    // Where one iteration a block would leave multiprocessors idle (short contexts, few kv heads), blocks of
+    // twice the threads take twice the keys in their one iteration: the rows a block of ATT_THREADS would
+    // request only after the wait are in flight before it. H100: 7B 550 -> 559 t/s on an empty cache (at 2k,
+    // with a block an SM at least, 256 threads lost: 463 -> 436); SmolLM2-135M +2% (docs/performance.md).
+    if (splits <= 0 && (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter(ATT_THREADS)) < sms) p.threads = 2 * ATT_THREADS;
+    const int KPB = (p.threads / 32) * (32 / (D / 8));
     const int max_chunk = std::max(KPB, ((46 * 1024) / (G * 4)) / KPB * KPB);   // scores + static smem fit 48 KB
     if (splits <= 0)
     {
         // One loop iteration a block (its rows are loaded before the PDL wait) when that still gives a
         // block an SM, else two (few kv heads: fewer, fuller blocks win); longer chunks once the grid would
         // pass ~4 blocks an SM. Splits past the position exit at once.
-        const int per_iter = KPB * attn::unr_for(D);
-        const int sms = std::max(sm_count, 1);
-        const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter) >= sms ? 1 : 2;
-        int chunk = std::max(iters * per_iter, EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
+        const int iters = (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter(p.threads)) >= sms ? 1 : 2;
+        int chunk = std::max(iters * per_iter(p.threads), EXL_DIV_UP(kv_len * B * Hkv, 4 * sms));
         p.chunk = std::min(EXL_DIV_UP(chunk, KPB) * KPB, max_chunk);
     }
     else
@@ -603,7 +611,7 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
     }
     p.splits = EXL_DIV_UP(kv_len, p.chunk);
     const size_t scores = (size_t)G * p.chunk * 4;
-    const size_t red = (size_t)(ATT_THREADS / 32) * G * D * 4;
+    const size_t red = (size_t)(p.threads / 32) * G * D * 4;
     const size_t weights = (size_t)G * p.splits * 4;   // the combine's split weights
     p.smem = std::max(std::max(scores, red), weights);
     return p;

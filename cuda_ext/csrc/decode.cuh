@@ -13,7 +13,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifndef ATT_THREADS
 #define ATT_THREADS 128
+#endif
 #define ATT_MAX_G 8                // query heads per kv head handled by one block
 #define ATT_COUNTERS 65536         // per-device (batch x kv head) counters for the split combine
 
@@ -47,6 +49,7 @@ struct DecodeAttnPlan
     int splits;       // blocks along the key length
     int chunk;        // keys per split
     size_t smem;      // dynamic shared memory per block
+    int threads;      // per block: ATT_THREADS, or twice that for short key ranges (automatic plans)
 };
 
 // splits <= 0: automatic (about two blocks per multiprocessor). splits == 0 in the result: unsupported.

@@ -121,7 +121,7 @@ std::vector<int64_t> decode_attention_plan(int64_t B, int64_t Hkv, int64_t G, in
 {
     const DecodeAttnPlan p = decode_attention_plan((int)B, (int)Hkv, (int)G, (int)D, (int)kv_len,
                                                    sm_count_of((int)device), (int)splits);
-    return {p.splits, p.chunk, (int64_t)p.smem};
+    return {p.splits, p.chunk, (int64_t)p.smem, p.threads};
 }
 
 void decode_attention(const torch::Tensor& q, torch::Tensor& k_cache, torch::Tensor& v_cache,
