@@ -17,18 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cuda_ext import ops  # noqa: E402
+from tools.bench_prompt_gemm import time_ms  # noqa: E402
 
 
 def time_us(fn, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps * 1e3
+    return time_ms(fn, reps) * 1e3
 
 
 def main():
