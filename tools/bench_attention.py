@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cuda_ext import build, ops  # noqa: E402
 
-SHAPES = [("135M", 9, 3, 64), ("7B", 32, 32, 128)]   # (name, H, Hkv, D)
-CASES = [(256, 40), (256, 100), (2048, 2000)]         # (kv_len, pos)
+SHAPES = [("135M", 9, 3, 64), ("7B", 32, 32, 128), ("13B", 40, 40, 128)]   # (name, H, Hkv, D)
+CASES = [(256, 40), (256, 100), (512, 400), (2048, 2000)]                  # (kv_len, pos)
 
 
 def time_graph(fn, calls: int, replays: int = 20) -> float:

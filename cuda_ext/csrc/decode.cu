@@ -588,11 +588,14 @@ DecodeAttnPlan decode_attention_plan(int B, int Hkv, int G, int D, int kv_len, i
     const int sms = std::max(sm_count, 1);
     // Keys a block takes in one loop iteration (all requested before the PDL wait) with nt threads.
     auto per_iter = [&](int nt) { return (nt / 32) * (32 / (D / 8)) * attn::unr_for(D); };
-    // Where one iteration a block would leave multiprocessors idle (short contexts, few kv heads), blocks of
-    // twice the threads take twice the keys in their one iteration: the rows a block of ATT_THREADS would
-    // request only after the wait are in flight before it. H100: 7B 550 -> 559 t/s on an empty cache (at 2k,
-    // with a block an SM at least, 256 threads lost: 463 -> 436); SmolLM2-135M +2% (docs/performance.md).
-    if (splits <= 0 && (long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter(ATT_THREADS)) < sms) p.threads = 2 * ATT_THREADS;
+    // Where one iteration a block would leave multiprocessors idle (short contexts, few kv heads), or where one
+    // block a head takes every key in at most two iterations, blocks of twice the threads take twice the keys an
+    // iteration: rows a block of ATT_THREADS would request only after the PDL wait (or another split's, combined
+    // after) are in flight before it. H100, empty cache: 7B 550 -> 559 t/s, 13B 256.5 -> 259.6; SmolLM2-135M +2%.
+    // Elsewhere 128 threads stay: 256 lost at the 7B's 2k (463 -> 436 t/s) and 512 keys (7.39 -> 7.56 us).
+    if (splits <= 0 && ((long long)B * Hkv * EXL_DIV_UP(kv_len, per_iter(ATT_THREADS)) < sms ||
+                        ((long long)B * Hkv < sms && kv_len <= 2 * per_iter(2 * ATT_THREADS))))
+        p.threads = 2 * ATT_THREADS;
     const int KPB = (p.threads / 32) * (32 / (D / 8));
     const int max_chunk = std::max(KPB, ((46 * 1024) / (G * 4)) / KPB * KPB);   // scores + static smem fit 48 KB
     if (splits <= 0)
