@@ -121,14 +121,15 @@ def _build(verbose: bool):
     old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not old_arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
+    # EXLLAMA_NVCC_FLAGS: extra nvcc flags for A/B builds (with their own EXLLAMA_EXT_DIR); its -D macros reach
+    # the C++ wrappers too
+    extra = os.environ.get("EXLLAMA_NVCC_FLAGS", "").split()
     try:
         return cpp_extension.load(
             name=NAME,
             sources=[str(CSRC / s) for s in SOURCES],
-            # EXLLAMA_NVCC_FLAGS: extra nvcc flags for A/B builds (with their own EXLLAMA_EXT_DIR); its -D
-            # macros reach the C++ wrappers too
-            extra_cflags=CFLAGS + [f for f in os.environ.get("EXLLAMA_NVCC_FLAGS", "").split() if f.startswith("-D")],
-            extra_cuda_cflags=CUDA_CFLAGS + os.environ.get("EXLLAMA_NVCC_FLAGS", "").split(),
+            extra_cflags=CFLAGS + [f for f in extra if f.startswith("-D")],
+            extra_cuda_cflags=CUDA_CFLAGS + extra,
             extra_include_paths=[str(CSRC)],
             build_directory=str(folder),
             with_cuda=True,

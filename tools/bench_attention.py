@@ -74,7 +74,7 @@ def main():
                             ops.decode_attention(q, kc[i], vc[i], pos, kv_len, out=out, splits=sp,
                                                  rope=(k, v, cos, sin) if rope else None)
                     us = time_graph(fn, args.layers)
-                    threads = f", {plan[3]} threads" if len(plan) > 3 and plan[3] != 128 else ""
+                    threads = f", {plan[3]} threads" if plan[3] != 128 else ""
                     row.append(f"{'auto' if sp == 0 else sp}({plan[0]}x{plan[1]}{threads}): {us:.2f}")
                 print(f"{name} kv_len {kv_len} pos {p}{' rope' if rope else ''}: " + "  ".join(row))
 
