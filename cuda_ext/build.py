@@ -33,6 +33,7 @@ SOURCES = (
     "q4_gemm_m6_7_8.cu",
     "q4_dequant.cu",
     "q4_mma.cu",
+    "q4_wgmma.cu",
     "dense_gemv.cu",
     "norm.cu",
     "rotary.cu",
@@ -61,10 +62,11 @@ def build_dir() -> Path:
 
 
 def arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST for the visible GPUs, e.g. '9.0' on an H100."""
+    """TORCH_CUDA_ARCH_LIST for the visible GPUs, e.g. '9.0a' on an H100 (the 'a' target has wgmma, which
+    the fused prompt GEMM needs; such a build runs on sm_90 devices only, the ones it is built for)."""
     import torch
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in caps)
 
 
 def _prerequisite_problem() -> str | None:

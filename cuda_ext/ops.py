@@ -5,7 +5,8 @@ here, so callers need not check. Shapes: `...` is any number of leading dims.
 
     q4_matmul(x [..., K], qweight, scales, offsets, perm=None, *, bias=None, residual=None, out=None) -> [..., N]
         M = prod(...) <= 8 rows: q4_gemm_small (reads the packed weights once);
-        more rows: q4_matmul_prompt: q4_dequant to fp16 column slices, each then multiplied by cuBLAS.
+        more rows: q4_matmul_prompt: on Hopper one GEMM dequantizing in its main loop, else
+        q4_dequant to fp16 column slices, each then multiplied by cuBLAS.
     q4_gemm_small(x [M <= 8, K], ...) -> [M, N]    the small-M kernel itself (tn/splits/variant for tuning)
     q4_dequant(qweight, scales, offsets, perm=None, *, out=None) -> fp16 [K, N]
         with perm, row k of the sorted weight goes to row perm[k], so x @ W needs no gather;
@@ -37,6 +38,10 @@ SMALL_M_MAX = 8      # rows up to which q4_matmul uses the small-M kernel
 # many bytes, so the scratch stays small whatever the layer (a 70B gate|up would need 0.9 GB at once).
 # EXLLAMA_DEQUANT_SLICE_MB: the slice size for A/B runs (32 by default).
 DEQUANT_SLICE_BYTES = int(os.environ.get("EXLLAMA_DEQUANT_SLICE_MB", "32")) << 20
+# On Hopper, prompts take one fused GEMM that dequantizes in its main loop (q4_wgmma.cuh).
+# EXLLAMA_PROMPT_GEMM: "cublas" forces dequant + cuBLAS, a number forces that token tile (A/B runs).
+_PROMPT_GEMM = os.environ.get("EXLLAMA_PROMPT_GEMM", "auto")
+PROMPT_BN = -1 if _PROMPT_GEMM == "cublas" else (int(_PROMPT_GEMM) if _PROMPT_GEMM.isdigit() else 0)
 
 
 def _ext():
@@ -105,9 +110,11 @@ def q4_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
               perm: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None, out: torch.Tensor | None = None, mma: bool = False) -> torch.Tensor:
-    """y [..., N] = x[..., perm] @ W + bias + residual; the small-M kernel for <= 8 rows, else dequant + cuBLAS.
-    mma: qweight is in the mma layout (tensor-core kernel, and the matching dequantization)."""
+              residual: torch.Tensor | None = None, out: torch.Tensor | None = None, mma: bool = False,
+              prompt_bn: int | None = None) -> torch.Tensor:
+    """y [..., N] = x[..., perm] @ W + bias + residual; the small-M kernel for <= 8 rows, else the prompt path
+    (the fused Hopper GEMM or dequant + cuBLAS; prompt_bn as q4_matmul_prompt's bn, default PROMPT_BN).
+    mma: qweight is in the mma layout (tensor-core kernels, and the matching dequantization)."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if x.shape[-1] != K:
         raise ValueError(f"q4_matmul: x has {x.shape[-1]} features, the weight takes K={K}")
@@ -134,8 +141,19 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         y = out2 if out2 is not None else torch.empty((M, N), dtype=torch.float16, device=x.device)
         res2 = residual.reshape(M, N) if residual is not None else None
         b = bias.to(torch.float16) if bias is not None else None
-        _ext().q4_matmul_prompt(x2, qweight, scales, offsets, perm, b, res2, y, bool(mma), DEQUANT_SLICE_BYTES)
+        bn = PROMPT_BN if prompt_bn is None else prompt_bn
+        _ext().q4_matmul_prompt(x2, qweight, scales, offsets, perm, b, res2, y, bool(mma), DEQUANT_SLICE_BYTES, bn)
     return out if out is not None else y.reshape(*lead, N)
+
+
+def wgmma_plan(M: int, N: int, bn: int = 0, device: torch.device | int | None = None) -> tuple[int, int, int]:
+    """(token tile, stages, shared memory bytes, blocks) of the fused Hopper prompt GEMM for an [M, N] output;
+    zeros where this device or build has no such kernel."""
+    if device is None or isinstance(device, int):
+        index = torch.cuda.current_device() if device is None else device
+    else:
+        index = torch.device(device).index or 0
+    return tuple(_ext().q4_wgmma_plan(M, N, index, bn))
 
 
 # ---- dense fp16 GEMV ----------------------------------------------------------------------

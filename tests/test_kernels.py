@@ -290,22 +290,84 @@ def test_q4_matmul_prompt_path_in_column_chunks(monkeypatch, act_order):
     x = torch.randn(M, K, device=DEV).half()
     bias = torch.randn(N, device=DEV).half()
     res = torch.randn(M, N, device=DEV).half()
-    whole = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res)
-    plain = ops.q4_matmul(x, qw, sc, of, perm)
+    whole = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, prompt_bn=-1)
+    plain = ops.q4_matmul(x, qw, sc, of, perm, prompt_bn=-1)
     wq = to_mma_layout(qw[:, :1920].contiguous())
-    plain_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True)
+    # prompt_bn=-1: the dequant + cuBLAS path even where the fused Hopper GEMM would take the mma layout
+    plain_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True,
+                              prompt_bn=-1)
     monkeypatch.setattr(ops, "DEQUANT_SLICE_BYTES", K * 2 * 384)  # 6 x 384 columns
     out = poison((M, N))
-    chunked = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, out=out)
+    chunked = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, out=out, prompt_bn=-1)
     # cuBLAS may pick another kernel for a narrower N: equal up to fp16 rounding, not bit for bit
     assert chunked is out and rel_err(chunked, whole.float()) < 1e-3
-    assert rel_err(ops.q4_matmul(x, qw, sc, of, perm), plain.float()) < 1e-3
+    assert rel_err(ops.q4_matmul(x, qw, sc, of, perm, prompt_bn=-1), plain.float()) < 1e-3
     assert rel_err(whole, ref_q4(x, qw, sc, of, perm, bias, res)) < Q4_TOL
-    sliced_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True)
+    sliced_mma = ops.q4_matmul(x, wq, sc[:, :1920].contiguous(), of[:, :1920].contiguous(), perm, mma=True,
+                               prompt_bn=-1)
     assert rel_err(sliced_mma, plain_mma.float()) < 1e-3
     acc = res.clone()
-    ops.q4_matmul(x, qw, sc, of, perm, residual=acc, out=acc)
+    ops.q4_matmul(x, qw, sc, of, perm, residual=acc, out=acc, prompt_bn=-1)
     assert rel_err(acc, ref_q4(x, qw, sc, of, perm, residual=res)) < Q4_TOL
+
+
+# ---- fused Hopper prompt GEMM (q4_wgmma.cu) ---------------------------------------------------
+
+WGMMA_WIDTHS = (64, 128, 192, 240, 256)
+needs_wgmma = pytest.mark.skipif(not (torch.cuda.get_device_capability() == (9, 0) and ops.wgmma_plan(64, 128)[0]),
+                                 reason="the fused prompt GEMM needs an sm_90 GPU and an sm_90a build")
+
+
+# Odd shapes: K of 9 chunks (odd: the unrolled pair's tail), N not a multiple of the 128-column block
+# (idle warps), M tails of every token tile, each group size; the 7B's down projection (K = 11008).
+@needs_wgmma
+@pytest.mark.parametrize("M,K,N,gs,act_order", [
+    (9, 576, 960, 64, False), (100, 1536, 576, 32, True), (257, 4096, 1536, 128, False),
+    (1920, 576, 1536, 32, False), (333, 11008, 256, 128, True), (64, 1024, 4112, 256, False),
+])
+def test_wgmma_matches_reference(M, K, N, gs, act_order):
+    """Both weight layouts, every token tile: the reference within Q4_TOL, the dequant + cuBLAS path within
+    fp32-sum noise, the two layouts bit for bit (the same products in the same order)."""
+    qw, sc, of, perm = make_q4(K, N, gs, act_order)
+    wq = to_mma_layout(qw)
+    x = torch.randn(M, K, device=DEV).half()
+    bias = torch.randn(N, device=DEV).half()
+    res = torch.randn(M, N, device=DEV).half()
+    ref = ref_q4(x, qw, sc, of, perm)
+    ref_br = ref_q4(x, qw, sc, of, perm, bias, res)
+    cublas = ops.q4_matmul(x, qw, sc, of, perm, prompt_bn=-1)
+    for bn in WGMMA_WIDTHS:
+        out = poison((M, N))
+        y = ops.q4_matmul(x, qw, sc, of, perm, out=out, prompt_bn=bn)
+        assert rel_err(y, ref) < Q4_TOL, bn
+        assert rel_err(y, cublas.float()) < 1e-3, bn
+        assert torch.equal(ops.q4_matmul(x, wq, sc, of, perm, mma=True, prompt_bn=bn), y), bn
+        y = ops.q4_matmul(x, qw, sc, of, perm, bias=bias, residual=res, prompt_bn=bn)
+        assert rel_err(y, ref_br) < Q4_TOL, bn
+    for w, mma in ((qw, False), (wq, True)):
+        acc = res.clone()                 # the residual stream, accumulated in place
+        ops.q4_matmul(x, w, sc, of, perm, residual=acc, out=acc, mma=mma, prompt_bn=0)
+        assert rel_err(acc, ref_q4(x, qw, sc, of, perm, residual=res)) < Q4_TOL
+
+
+@needs_wgmma
+def test_wgmma_is_the_default_prompt_path():
+    """Prompts take the fused GEMM by default (a width chosen for M and N); column slices (the parts of a
+    fused q|k|v) work as views; a shape it does not take (N % 16 != 0) falls back to dequant + cuBLAS, and
+    forcing a tile there is an error."""
+    M, K, N = 1920, 4096, 3 * 1024
+    assert ops.wgmma_plan(M, N)[0] in WGMMA_WIDTHS
+    qw, sc, of, _ = make_q4(K, N, 128)
+    x = torch.randn(M, K, device=DEV).half()
+    y = ops.q4_matmul(x, qw, sc, of)
+    assert torch.equal(y, ops.q4_matmul(x, qw, sc, of, prompt_bn=ops.wgmma_plan(M, N)[0]))
+    part = ops.q4_matmul(x, qw[:, 1024:2048], sc[:, 1024:2048], of[:, 1024:2048])
+    assert torch.equal(part, y[:, 1024:2048])
+    qw, sc, of, _ = make_q4(K, 1000, 128)
+    y = ops.q4_matmul(x[:100], qw, sc, of)
+    assert rel_err(y, ref_q4(x[:100], qw, sc, of)) < Q4_TOL
+    with pytest.raises(RuntimeError, match="fused GEMM"):
+        ops.q4_matmul(x[:100], qw, sc, of, prompt_bn=128)
 
 
 def test_q4_matmul_bf16_falls_back():

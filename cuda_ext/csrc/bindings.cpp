@@ -24,10 +24,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("out"),
           py::arg("mma") = false);
     m.def("q4_matmul_prompt", &q4_matmul_prompt,
-          "out[M, N] = x @ dequant(W) + bias + residual for many rows: column slices of <= slice_bytes of fp16 "
-          "weights, each dequantized then multiplied by cuBLAS",
+          "out[M, N] = x @ dequant(W) + bias + residual for many rows: on Hopper one GEMM that "
+          "dequantizes in its main loop (bn: -1 never, 0 auto, > 0 that token tile), else column slices of <= "
+          "slice_bytes of fp16 weights, each dequantized then multiplied by cuBLAS",
           py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("perm"), py::arg("bias"),
-          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"));
+          py::arg("residual"), py::arg("out"), py::arg("mma"), py::arg("slice_bytes"), py::arg("bn") = 0);
+    m.def("q4_wgmma_plan", &q4_wgmma_plan_info, "[bn, stages, smem_bytes, blocks] of the fused Hopper prompt GEMM (zeros: not on this device or build)",
+          py::arg("M"), py::arg("N"), py::arg("device"), py::arg("bn") = 0);
     m.def("dense_gemv", &dense_gemv,
           "out[M, N] = rms_norm?(x[M, K]) @ weight[N, K]^T + residual for M <= 8 fp16 rows (no cuBLAS workspace)",
           py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("out"), py::arg("norm_weight") = py::none(),

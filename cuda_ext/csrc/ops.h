@@ -20,7 +20,8 @@ void q4_dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const
 void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                       const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                      torch::Tensor& out, bool mma, int64_t slice_bytes);
+                      torch::Tensor& out, bool mma, int64_t slice_bytes, int64_t bn);
+std::vector<int64_t> q4_wgmma_plan_info(int64_t M, int64_t N, int64_t device, int64_t bn);
 void dense_gemv(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& residual,
                 torch::Tensor& out, const std::optional<torch::Tensor>& norm_weight, double norm_eps);
 std::vector<int64_t> q4_mma_plan_info(int64_t M, int64_t K, int64_t N, int64_t groups, int64_t device, int64_t splits,

@@ -4,6 +4,7 @@
 #include "q4_gemm.cuh"
 #include "q4_dequant.cuh"
 #include "q4_mma.cuh"
+#include "q4_wgmma.cuh"
 #include "dense_gemv.cuh"
 #include "launch.h"
 
@@ -327,10 +328,80 @@ int64_t q4_mma_num_variants_py() { return q4_mma_num_variants(); }
 
 bool q4_mma_supported_py(int64_t K, int64_t N, int64_t groups) { return q4_mma_supported((int)K, (int)N, (int)groups); }
 
+namespace {
+
+// EXLLAMA_WGMMA_PERSISTENT=0|1 (A/B runs): one block a tile, or one a multiprocessor looping over tiles.
+bool wgmma_persistent()
+{
+    static const bool on = [] {
+        const char* e = std::getenv("EXLLAMA_WGMMA_PERSISTENT");
+        return !(e && std::string(e) == "0");
+    }();
+    return on;
+}
+
+bool capturing()
+{
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The fused Hopper GEMM (q4_wgmma.cuh) when it takes the problem; false to fall back.
+bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::optional<torch::Tensor>& perm,
+               const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+               torch::Tensor& out, int64_t bn, bool mma)
+{
+    const int device = x.device().index();
+    // act-order: gather x's columns once (the kernel reads the weights' sorted K order)
+    const torch::Tensor xs = perm.has_value() ? x.index_select(1, *perm) : (x.stride(1) == 1 ? x : x.contiguous());
+    Q4WgmmaArgs a{};
+    a.x = reinterpret_cast<const half*>(xs.data_ptr<at::Half>());
+    a.qweight = d.qweight;
+    a.scales = d.scales;
+    a.offsets = d.offsets;
+    a.bias = bias.has_value() ? reinterpret_cast<const half*>(bias->data_ptr<at::Half>()) : nullptr;
+    a.residual = residual.has_value() ? reinterpret_cast<const half*>(residual->data_ptr<at::Half>()) : nullptr;
+    a.out = reinterpret_cast<half*>(out.data_ptr<at::Half>());
+    a.M = (int)xs.size(0);
+    a.K = (int)d.K;
+    a.N = (int)d.N;
+    a.groups = (int)d.groups;
+    a.mma = mma;
+    a.ldx = xs.stride(0);
+    a.ldq = d.ldq;
+    a.lds = d.lds;
+    a.ldr = residual.has_value() ? residual->stride(0) : 0;
+    a.ldo = out.stride(0);
+    const bool takes = a.M > 0 && (!residual.has_value() || residual->stride(1) == 1) && (!bias.has_value() || bias->is_contiguous()) &&
+                       q4_wgmma_supported(a, device, capturing());
+    if (!takes)
+    {
+        EXL_CHECK(bn <= 0, "q4_matmul_prompt: the fused GEMM (bn=", bn, ") does not take this problem or device");
+        return false;
+    }
+    const DeviceInfo di = device_info(device);
+    const Q4WgmmaPlan plan = q4_wgmma_plan(a.M, a.N, di.sm_count, (size_t)di.smem_optin, (int)bn, wgmma_persistent());
+    EXL_CHECK(plan.bn > 0, "q4_matmul_prompt: no fused GEMM plan for bn=", bn);
+    C10_CUDA_CHECK(q4_wgmma_launch(plan, a, c10::cuda::getCurrentCUDAStream(device)));
+    return true;
+}
+
+}  // namespace
+
+std::vector<int64_t> q4_wgmma_plan_info(int64_t M, int64_t N, int64_t device, int64_t bn)
+{
+    const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+    if (!q4_wgmma_available((int)device, capturing())) return {0, 0, 0};
+    const DeviceInfo d = device_info((int)device);
+    const Q4WgmmaPlan p = q4_wgmma_plan((int)M, (int)N, d.sm_count, (size_t)d.smem_optin, (int)bn, wgmma_persistent());
+    return {p.bn, p.stages, (int64_t)p.smem_bytes, p.blocks};
+}
+
+// bn: -1 dequantize + cuBLAS; 0 the fused Hopper GEMM where it applies (sm_90a build and GPU, K % 64, N % 16,
+// power-of-two groups), else the former; > 0 the fused GEMM with that token tile (an error where it does not apply).
 void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                       const torch::Tensor& offsets, const std::optional<torch::Tensor>& perm,
                       const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                      torch::Tensor& out, bool mma, int64_t slice_bytes)
+                      torch::Tensor& out, bool mma, int64_t slice_bytes, int64_t bn)
 {
     const DequantSource d = dequant_source("q4_matmul_prompt", qweight, scales, offsets, perm, mma);
     const int64_t K = d.K, N = d.N;
@@ -353,6 +424,7 @@ void q4_matmul_prompt(const torch::Tensor& x, const torch::Tensor& qweight, cons
                                  residual->strides() == out.strides();
     const c10::cuda::CUDAGuard guard(qweight.device());
     const int device = qweight.device().index();
+    if (bn >= 0 && try_wgmma(d, x, perm, bias, residual, out, bn, mma)) return;
     // Column slices of at most slice_bytes of fp16 weights, whole 128-column blocks.
     int64_t width = N;
     if (K * N * 2 > slice_bytes) width = std::max<int64_t>(128, slice_bytes / (2 * K) / 128 * 128);
