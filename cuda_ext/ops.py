@@ -146,7 +146,7 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     return out if out is not None else y.reshape(*lead, N)
 
 
-def wgmma_plan(M: int, N: int, bn: int = 0, device: torch.device | int | None = None) -> tuple[int, int, int]:
+def wgmma_plan(M: int, N: int, bn: int = 0, device: torch.device | int | None = None) -> tuple[int, int, int, int]:
     """(token tile, stages, shared memory bytes, blocks) of the fused Hopper prompt GEMM for an [M, N] output;
     zeros where this device or build has no such kernel."""
     if device is None or isinstance(device, int):

@@ -351,6 +351,11 @@ bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::option
                torch::Tensor& out, int64_t bn, bool mma)
 {
     const int device = x.device().index();
+    if (!q4_wgmma_available(device, capturing()))
+    {
+        EXL_CHECK(bn <= 0, "q4_matmul_prompt: this device or build has no fused GEMM (bn=", bn, ")");
+        return false;
+    }
     // act-order: gather x's columns once (the kernel reads the weights' sorted K order)
     const torch::Tensor xs = perm.has_value() ? x.index_select(1, *perm) : (x.stride(1) == 1 ? x : x.contiguous());
     Q4WgmmaArgs a{};
@@ -371,8 +376,8 @@ bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::option
     a.lds = d.lds;
     a.ldr = residual.has_value() ? residual->stride(0) : 0;
     a.ldo = out.stride(0);
-    const bool takes = a.M > 0 && (!residual.has_value() || residual->stride(1) == 1) && (!bias.has_value() || bias->is_contiguous()) &&
-                       q4_wgmma_supported(a, device, capturing());
+    const bool takes = a.M > 0 && (!residual.has_value() || residual->stride(1) == 1) &&
+                       (!bias.has_value() || bias->is_contiguous()) && q4_wgmma_supported(a, device, capturing());
     if (!takes)
     {
         EXL_CHECK(bn <= 0, "q4_matmul_prompt: the fused GEMM (bn=", bn, ") does not take this problem or device");
@@ -390,7 +395,7 @@ bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::option
 std::vector<int64_t> q4_wgmma_plan_info(int64_t M, int64_t N, int64_t device, int64_t bn)
 {
     const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
-    if (!q4_wgmma_available((int)device, capturing())) return {0, 0, 0};
+    if (!q4_wgmma_available((int)device, capturing())) return {0, 0, 0, 0};
     const DeviceInfo d = device_info((int)device);
     const Q4WgmmaPlan p = q4_wgmma_plan((int)M, (int)N, d.sm_count, (size_t)d.smem_optin, (int)bn, wgmma_persistent());
     return {p.bn, p.stages, (int64_t)p.smem_bytes, p.blocks};

@@ -1,13 +1,19 @@
 // Fused prompt GEMM on Hopper: see q4_wgmma.cuh for the design.
 //
-// Block: 128 output columns x BN tokens. Warpgroup 0 is the producer (one thread issues the TMA loads of
-// each stage: x [BN tokens, 64 K] with 128-byte swizzle, and the packed weights [8 rows, 128 columns]);
-// warpgroups 1 and 2 each own 64 columns. Per chunk of 64 K a consumer lane loads its 16 bytes of packed
-// weights (four A fragments), turns the nibbles into exact fp16 integers (magic-number OR and subtract, as
-// the tensor-core GEMV does) and then into weights with one HFMA2 each (q * s + o rounded once, as the
-// reference's fp32 q * s + o rounded to fp16), and issues four wgmma m64nBNk16 against the stage's x tile.
-// The fragments of chunk c + 1 are made while chunk c's wgmmas run (two register sets), so the tensor
-// cores wait neither for the dequantization nor, with enough stages, for memory.
+// Block: 128 output columns x BN tokens. Warpgroup 0 is the producer: one thread issues the TMA loads of each
+// stage (x [BN tokens, 64 K] with 128-byte swizzle; the packed weights [8 rows, 128 columns]; the chunk's
+// scale and offset rows). Warpgroups 1 and 2 each own 64 columns. Per chunk of 64 K a consumer lane reads its
+// packed weights (mma layout: 16 bytes, four A fragments; row layout: one byte of each of 16 words) and its
+// rows' scales, turns the nibbles into exact fp16 integers (magic-number OR and subtract, as the tensor-core
+// GEMV does) and then into weights with one HFMA2 each (q * s + o rounded once, as the reference's fp32
+// q * s + o rounded to fp16), and issues four wgmma m64nBNk16 against the stage's x tile. The fragments of
+// chunk c + 1 are made while chunk c's wgmmas run (two register sets), so the tensor cores wait neither for
+// the dequantization nor, with enough stages, for memory.
+//
+// Measured on an H100 (docs/performance.md, session 9): scales read from global memory in the consumers cost
+// an L2 round trip a chunk (their half2 broadcast waited for the load), and ptxas serializes the wgmmas
+// (C7514/C7520) when a wait loop sits between them or when a step's work after the commit is conditional;
+// hence the scales in the stages, the stage read between commit and wait, and the last chunk's own call.
 #include "q4_wgmma.cuh"
 #include "wgmma_rs.cuh"
 
@@ -84,7 +90,10 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Pins registers an in-flight wgmma reads or writes: the compiler may neither move their uses across this
 // point nor reuse them before it.
@@ -106,7 +115,6 @@ __device__ __forceinline__ void fence_regs(float (&d)[R])
 __device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
-// One mma-layout word (8 weights) -> the A fragment of one K step (q4_mma.cu dq_word), times scale plus offset.
 // (w & MASK) | MAGIC in one LOP3 (the compiler emits an AND and an OR for the C expression)
 template <uint32_t MASK, uint32_t MAGIC>
 __device__ __forceinline__ half2 nibbles(uint32_t w)
@@ -116,7 +124,8 @@ __device__ __forceinline__ half2 nibbles(uint32_t w)
     return bits_h2(r);
 }
 
-// (s0, o0) scale and offset of row g, (s1, o1) of row g + 8.
+// One mma-layout word (8 weights) -> the A fragment of one K step (q4_mma.cu dq_word), times scale plus offset:
+// (s0, o0) those of row g, (s1, o1) of row g + 8.
 __device__ __forceinline__ void dq_word(uint32_t w, half2 s0, half2 o0, half2 s1, half2 o1, uint32_t (&a)[4])
 {
     const uint32_t w2 = w >> 8;
@@ -126,6 +135,7 @@ __device__ __forceinline__ void dq_word(uint32_t w, half2 s0, half2 o0, half2 s1
     a[2] = h2_bits(__hfma2(__hsub2(nibbles<0x000F000Fu, 0x64006400u>(w2), b1024), s0, o0));
     a[3] = h2_bits(__hfma2(__hsub2(nibbles<0x00F000F0u, 0x54005400u>(w2), b64), s1, o1));
 }
+
 // One row-layout word's byte t (K pair 2t, 2t + 1 of 8 consecutive K) -> the half2 (q[2t], q[2t + 1]) as exact
 // fp16 integers: PRMT puts the byte in both halves, the mask keeps the low nibble in the low half and the high
 // one (x 16) in the high half, the magic numbers 1024 and 64 (ulp 1 and 1/16) make them fp16 values.
@@ -453,8 +463,8 @@ cudaError_t launch(const Q4WgmmaPlan& plan, const Q4WgmmaArgs& a, const CUtensor
         std::lock_guard<std::mutex> lock(mu);
         if (plan.smem_bytes > configured)
         {
-            const cudaError_t e = cudaFuncSetAttribute(q4_wgmma_kernel<BN, G32, ROW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       (int)plan.smem_bytes);
+            const cudaError_t e = cudaFuncSetAttribute(q4_wgmma_kernel<BN, G32, ROW>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)plan.smem_bytes);
             if (e != cudaSuccess) return e;
             configured = plan.smem_bytes;
         }
@@ -547,6 +557,7 @@ cudaError_t q4_wgmma_launch(const Q4WgmmaPlan& plan, const Q4WgmmaArgs& a, cudaS
         map2d(tm[3], CU_TENSOR_MAP_DATA_TYPE_FLOAT16, a.offsets, a.N, a.groups, a.lds * 2, q4w::BM, g32 ? 2 : 1,
               CU_TENSOR_MAP_SWIZZLE_NONE);
     if (!ok) return cudaErrorInvalidValue;
-    if (a.mma) return g32 ? q4w::launch_bn<true, false>(plan, a, tm, stream) : q4w::launch_bn<false, false>(plan, a, tm, stream);
+    if (a.mma)
+        return g32 ? q4w::launch_bn<true, false>(plan, a, tm, stream) : q4w::launch_bn<false, false>(plan, a, tm, stream);
     return g32 ? q4w::launch_bn<true, true>(plan, a, tm, stream) : q4w::launch_bn<false, true>(plan, a, tm, stream);
 }

@@ -5,10 +5,10 @@
 // The product is computed transposed, out^T = W^T x^T, so the weights are wgmma's A operand, which may
 // sit in registers: a lane's 16-byte load of the mma layout is its A fragment for four K steps of 16
 // (the layout the tensor-core GEMV already reads); from the row layout a lane takes one byte of each of 16
-// words instead. x^T is the B operand, tiles of BN tokens x 64 K
-// brought to shared memory by TMA (128-byte swizzle); the packed weights of the block's 128 columns
-// come by TMA too. One producer warp feeds a ring of stages; two consumer warpgroups own 64 columns
-// each and run wgmma m64nBNk16 with fp32 accumulators.
+// words instead. x^T is the B operand, tiles of BN tokens x 64 K brought to shared memory by TMA (128-byte
+// swizzle); the packed weights, scales and offsets of the block's 128 columns come by TMA too. One producer
+// thread feeds a ring of stages; two consumer warpgroups own 64 columns each and run wgmma m64nBNk16 with
+// fp32 accumulators. Blocks are persistent (one a multiprocessor) over the tiles.
 #pragma once
 
 #include <cuda_fp16.h>
