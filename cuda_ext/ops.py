@@ -149,10 +149,9 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
 def wgmma_plan(M: int, N: int, bn: int = 0, device: torch.device | int | None = None) -> tuple[int, int, int, int]:
     """(token tile, stages, shared memory bytes, blocks) of the fused Hopper prompt GEMM for an [M, N] output;
     zeros where this device or build has no such kernel."""
-    if device is None or isinstance(device, int):
-        index = torch.cuda.current_device() if device is None else device
-    else:
-        index = torch.device(device).index or 0
+    index = device if isinstance(device, int) else (torch.device(device).index if device is not None else None)
+    if index is None:
+        index = torch.cuda.current_device()
     return tuple(_ext().q4_wgmma_plan(M, N, index, bn))
 
 

@@ -8,6 +8,10 @@
 
 #define EXL_DIV_UP(a, b) (((a) + (b) - 1) / (b))
 
+// A half2's 32 bits and back (the dequantizing kernels build half2 values with integer ops).
+__device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
 __device__ __forceinline__ float warp_sum(float v)
 {
     #pragma unroll

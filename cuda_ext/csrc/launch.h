@@ -8,6 +8,12 @@
 #include <cstdlib>
 #include <string>
 
+// Whether the current stream is capturing a CUDA graph.
+inline bool capturing()
+{
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
 // Programmatic dependent launch, automatic choice: on while a CUDA graph is being captured (the
 // decode step), on sm_90+, unless EXLLAMA_NO_PDL is set. Eager launches stay plain: the q4 kernel
 // reads weights before it waits on the previous kernel, which only a captured step guarantees safe.
@@ -22,7 +28,7 @@ inline bool pdl_auto(int device)
         return e && *e && std::string(e) != "0";
     }();
     if (disabled) return false;
-    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return false;
+    if (!capturing()) return false;
     static int major[64] = {0};
     if (device < 0 || device >= 64) return false;
     if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));

@@ -340,11 +340,6 @@ bool wgmma_persistent()
     return on;
 }
 
-bool capturing()
-{
-    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
 // The fused Hopper GEMM (q4_wgmma.cuh) when it takes the problem; false to fall back.
 bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::optional<torch::Tensor>& perm,
                const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
@@ -377,7 +372,7 @@ bool try_wgmma(const DequantSource& d, const torch::Tensor& x, const std::option
     a.ldr = residual.has_value() ? residual->stride(0) : 0;
     a.ldo = out.stride(0);
     const bool takes = a.M > 0 && (!residual.has_value() || residual->stride(1) == 1) &&
-                       (!bias.has_value() || bias->is_contiguous()) && q4_wgmma_supported(a, device, capturing());
+                       (!bias.has_value() || bias->is_contiguous()) && q4_wgmma_supported(a);
     if (!takes)
     {
         EXL_CHECK(bn <= 0, "q4_matmul_prompt: the fused GEMM (bn=", bn, ") does not take this problem or device");

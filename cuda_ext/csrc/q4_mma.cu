@@ -25,8 +25,6 @@
 
 namespace q4m {
 
-__device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
 // One mma-layout word -> the A fragment: (w & 0x000F000F) | 0x64006400 is the half2 (1024 + nibble 0,
 // 1024 + nibble 4); with mask 0x00F000F0 and 0x5400 (= 64, ulp 1/16) it is (64 + nibble 1, 64 + nibble 5);

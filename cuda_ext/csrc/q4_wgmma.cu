@@ -15,6 +15,7 @@
 // (C7514/C7520) when a wait loop sits between them or when a step's work after the commit is conditional;
 // hence the scales in the stages, the stage read between commit and wait, and the last chunk's own call.
 #include "q4_wgmma.cuh"
+#include "common.cuh"
 #include "wgmma_rs.cuh"
 
 #include <cuda.h>
@@ -111,9 +112,6 @@ __device__ __forceinline__ void fence_regs(float (&d)[R])
     #pragma unroll
     for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-
-__device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
 // (w & MASK) | MAGIC in one LOP3 (the compiler emits an AND and an OR for the C expression)
 template <uint32_t MASK, uint32_t MAGIC>
@@ -490,7 +488,7 @@ cudaError_t launch_bn(const Q4WgmmaPlan& plan, const Q4WgmmaArgs& a, const CUten
 
 }  // namespace q4w
 
-bool q4_wgmma_supported(const Q4WgmmaArgs& a, int device, bool capturing)
+bool q4_wgmma_supported(const Q4WgmmaArgs& a)
 {
     if (a.K % q4w::BK || a.N % 16 || a.groups <= 0 || a.K % a.groups) return false;
     const int gs = a.K / a.groups;
@@ -502,7 +500,7 @@ bool q4_wgmma_supported(const Q4WgmmaArgs& a, int device, bool capturing)
         (a.residual && (a.ldr % 2 || reinterpret_cast<uintptr_t>(a.residual) % 4)) ||
         (a.bias && reinterpret_cast<uintptr_t>(a.bias) % 4))
         return false;
-    return q4w::built_for(device, capturing);
+    return true;
 }
 
 bool q4_wgmma_available(int device, bool capturing) { return q4w::built_for(device, capturing); }

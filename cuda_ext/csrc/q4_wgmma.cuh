@@ -41,9 +41,9 @@ struct Q4WgmmaPlan
 // while a graph is being captured: capturing = true then answers false).
 bool q4_wgmma_available(int device, bool capturing);
 
-// Whether the kernel takes this problem on this device (sm_90a build and an sm_90 GPU, K % 64 == 0,
-// N % 16 == 0, group size 32 or a power of two >= 64, 16-byte aligned rows).
-bool q4_wgmma_supported(const Q4WgmmaArgs& a, int device, bool capturing);
+// Whether the kernel takes this problem (K % 64 == 0, N % 16 == 0, group size 32 or a power of two >= 64,
+// 16-byte aligned rows); q4_wgmma_available says whether the device and build have it.
+bool q4_wgmma_supported(const Q4WgmmaArgs& a);
 
 // bn <= 0: chosen for M and N (fewest waves of tiles weighted by tile width); else one of 64, 128, 192,
 // 240, 256. persistent: one block a multiprocessor, each looping over tiles.
