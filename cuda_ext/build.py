@@ -1,10 +1,13 @@
-"""Lazy build of the CUDA extension (module `exllama_ext`) with torch.utils.cpp_extension.load.
+"""Lazy builds of the engine's extensions with torch.utils.cpp_extension.load.
 
-Nothing happens at import: the first `load()` / `is_available()` / `ops_module()` compiles the
-sources below with ninja for the visible GPUs' architectures (TORCH_CUDA_ARCH_LIST from
+Nothing happens at import. The CUDA extension (module `exllama_ext`): the first `load()` / `is_available()` /
+`ops_module()` compiles csrc/ with ninja for the visible GPUs' architectures (TORCH_CUDA_ARCH_LIST from
 `torch.cuda.get_device_capability()`, unless the environment already sets it) into a cached build
-folder: `$EXLLAMA_EXT_DIR`, else `~/.cache/exllama_ext/<torch version>-<cuda version>`. Later
-processes reuse the objects there; ninja rebuilds only what changed.
+folder: `$EXLLAMA_EXT_DIR`, else `~/.cache/exllama_ext/<torch version>-<cuda version>`.
+The CPU kernels (module `exllama_cpu`, cpu/): `cpu.load()` / `cpu.is_available()` compile them with
+-march=native for this processor into `$EXLLAMA_CPU_EXT_DIR`, else `~/.cache/exllama_ext/cpu-<torch
+version>-<key of this CPU's model and flags>`, so a home folder shared by two machines never hands one the
+other's build. Later processes reuse the objects; ninja rebuilds only what changed.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from pathlib import Path
 
 NAME = "exllama_ext"
 CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_NAME = "exllama_cpu"
+CPU_SRC = Path(__file__).resolve().parent / "cpu"
+CPU_SOURCES = ("bindings.cpp", "kernels.cpp")
 
 # The one list of sources (headers are tracked by ninja through the compiler's depfiles).
 SOURCES = (
@@ -45,12 +51,6 @@ SOURCES = (
 
 CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
-
-_lock = threading.Lock()
-_module = None
-_failure: str | None = None
-_warned = False
-
 
 def build_dir() -> Path:
     """Where the objects and the built module live (created on first build)."""
@@ -90,31 +90,6 @@ def _prerequisite_problem() -> str | None:
     return None
 
 
-def load(verbose: bool = False):
-    """Build (if needed) and import the extension; raises RuntimeError naming the reason on failure."""
-    global _module, _failure
-    with _lock:
-        if _module is not None:
-            return _module
-        if _failure is not None:
-            raise RuntimeError(_failure)
-        try:
-            problem = _prerequisite_problem()
-        except Exception as e:
-            problem = f"{type(e).__name__}: {e}"
-        if problem is not None:
-            _failure = f"CUDA extension unavailable: {problem}"
-            raise RuntimeError(_failure)
-        try:
-            _module = _build(verbose)
-        except Exception as e:
-            msg = str(e).strip().splitlines()
-            tail = " | ".join(msg[-6:]) if msg else type(e).__name__
-            _failure = f"CUDA extension failed to build in {build_dir()}: {tail}"
-            raise RuntimeError(_failure) from e
-        return _module
-
-
 def _build(verbose: bool):
     from torch.utils import cpp_extension
 
@@ -142,26 +117,129 @@ def _build(verbose: bool):
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
 
 
-def is_available() -> bool:
-    """True when the extension is built and imported; never raises. Warns once with the reason if not."""
-    global _warned
-    try:
-        load()
-        return True
-    except Exception:
-        if not _warned:
-            _warned = True
-            warnings.warn(failure_reason() or "CUDA extension unavailable", RuntimeWarning, stacklevel=2)
-        return False
-
-
-def failure_reason() -> str | None:
-    """Why the extension is unavailable (None if it loaded or was never tried)."""
-    return _failure
-
-
 def ops_module():
     """The Python wrappers (cuda_ext.ops), after making sure the extension is loaded."""
     load()
     from . import ops
     return ops
+
+
+class LazyExtension:
+    """One extension built on first use: the lock, the cached module and the remembered failure."""
+
+    def __init__(self, label: str, problem, build):
+        self.label, self._problem, self._build = label, problem, build
+        self._lock = threading.Lock()
+        self._module = None
+        self._failure: str | None = None
+        self._warned = False
+
+    def load(self, verbose: bool = False):
+        """Build (if needed) and import; raises RuntimeError naming the reason on failure."""
+        with self._lock:
+            if self._module is not None:
+                return self._module
+            if self._failure is not None:
+                raise RuntimeError(self._failure)
+            try:
+                problem = self._problem()
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            if problem is not None:
+                self._failure = f"{self.label} unavailable: {problem}"
+                raise RuntimeError(self._failure)
+            try:
+                self._module = self._build(verbose)
+            except Exception as e:
+                msg = str(e).strip().splitlines()
+                tail = " | ".join(msg[-6:]) if msg else type(e).__name__
+                self._failure = f"{self.label} failed to build: {tail}"
+                raise RuntimeError(self._failure) from e
+            return self._module
+
+    def is_available(self) -> bool:
+        """True when built and imported; never raises. Warns once with the reason if not."""
+        try:
+            self.load()
+            return True
+        except Exception:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(self._failure or f"{self.label} unavailable", RuntimeWarning, stacklevel=3)
+            return False
+
+    def failure_reason(self) -> str | None:
+        """Why it is unavailable (None if it loaded or was never tried)."""
+        return self._failure
+
+
+_cuda = LazyExtension("CUDA extension", _prerequisite_problem, _build)
+load, is_available, failure_reason = _cuda.load, _cuda.is_available, _cuda.failure_reason
+
+
+# ---- the CPU kernels ------------------------------------------------------------------------
+
+def cpu_key() -> str:
+    """A short key of this processor (model name and feature flags): -march=native builds are per CPU."""
+    import hashlib
+    import platform
+    info = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                info += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha1(info.encode()).hexdigest()[:12]
+
+
+def cpu_build_dir() -> Path:
+    env = os.environ.get("EXLLAMA_CPU_EXT_DIR")
+    if env:
+        return Path(env).expanduser()
+    import torch
+    return Path.home() / ".cache" / "exllama_ext" / f"cpu-{torch.__version__}-{cpu_key()}"
+
+
+def _cpu_problem() -> str | None:
+    import shutil
+    from torch.utils import cpp_extension
+    if os.environ.get("EXLLAMA_CPU_KERNELS", "1") == "0":
+        return "turned off (EXLLAMA_CPU_KERNELS=0)"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler found (install g++, or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build_cpu(verbose: bool):
+    import sys
+    import time
+    from torch.utils import cpp_extension
+
+    folder = cpu_build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = not any(folder.glob(f"{CPU_NAME}*.so"))
+    t0 = time.time()
+    if fresh:
+        print(f"Building the CPU kernels for this processor (first use only, about a minute) in {folder} ...",
+              file=sys.stderr, flush=True)
+    mod = cpp_extension.load(
+        name=CPU_NAME,
+        sources=[str(CPU_SRC / s) for s in CPU_SOURCES],
+        # -fopenmp: at::parallel_for runs on torch's OpenMP pool (its libgomp.so.1 is the one already loaded)
+        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        with_cuda=False,
+        verbose=verbose,
+    )
+    if fresh:
+        print(f"CPU kernels built in {time.time() - t0:.0f} s ({mod.isa()})", file=sys.stderr, flush=True)
+    return mod
+
+
+cpu = LazyExtension("CPU kernels", _cpu_problem, _build_cpu)

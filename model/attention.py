@@ -39,7 +39,18 @@ class Attention(nn.Module):
 
         norm: an RMSNorm applied to x first (fused into the q|k|v GEMV on GPUs)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, lora, norm)
+        if self.qkv is not None and self.qkv.cpu is not None and cache is not None and mask is None \
+                and not isinstance(start, StaticPos):
+            # CPU, a few tokens: rotary, the cache write and attention in one kernel call on the fused projection
+            qkv = self.qkv(x, lora, norm=norm)
+            cache.check_room(start, T)
+            o = self.ops.cpu_qkv_attention(qkv, rope.cos, rope.sin, start, cache.k[self.layer_idx],
+                                           cache.v[self.layer_idx], self.n_heads)
+            if o is not None:
+                return self.o_proj(o, lora, residual, residual_inplace=residual_inplace)
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        else:
+            q, k, v = self._qkv(x, lora, norm)
         q = q.reshape(B, T, self.n_heads, self.head_dim)
         k = k.reshape(B, T, self.n_kv, self.head_dim)
         v = v.reshape(B, T, self.n_kv, self.head_dim)

@@ -143,8 +143,11 @@ class RuntimeConfig:
     alpha: float = 1.0             # NTK-aware RoPE alpha (scales the base)
     weight_dtype: str = "auto"     # CPU weight storage: auto (bfloat16 where the CPU has native bf16
                                    # dot products, else the activation dtype) | float32 | bfloat16 | float16
-    keep_q4: bool = False          # CPU: keep 4-bit weights and dequantize per call (4x less memory,
-                                   # slower) instead of dense weights; GPUs always keep them
+    # CPU weights of a 4-bit model: auto (the 4-bit layers packed for the CPU kernels, read 4-bit by their GEMV,
+    # and the LM head and a tied embedding in 8 bits, where the kernels build; else dense) | packed (the same
+    # layouts even without the kernels: the torch reference dequantizes per call) | dense (dequantized at load)
+    cpu_weights: str = "auto"
+    keep_q4: bool = False          # CPU: keep the GPUs' q4 format and dequantize per call (tests of that format)
     force_reference: bool = False  # never use the CUDA kernels
     # Fused decode kernels (model/ops.py Ops), on by default; EXLLAMA_FUSED_DECODE=0 / EXLLAMA_FUSED_GEMV=0
     # turn them off (to compare, or to rule them out).

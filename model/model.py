@@ -14,6 +14,7 @@ from torch import nn
 from .attention import Attention
 from .cache import KVCache, StaticPos
 from .config import ModelConfig, RuntimeConfig
+from .cpu_layout import CpuWeight
 from .linear import Linear, fuse
 from .mlp import MLP
 from .norm import RMSNorm
@@ -69,10 +70,12 @@ class LlamaModel(nn.Module):
     def finalize(self):
         """Move every weight to its device/dtype once loading is complete."""
         dt, wdt = self.dtype, self.runtime.torch_weight_dtype()
-        dequant = self.device.type == "cpu" and not self.runtime.keep_q4
+        packed = self._cpu_packed()
+        dequant = self.device.type == "cpu" and not self.runtime.keep_q4 and not packed
         host_embed = self._embed_in_host_memory()
         self.layer_devices = self._plan_devices(host_embed)
-        if self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized:
+        tied = self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized
+        if tied:
             self.lm_head.set_dense(self.embed_tokens)
         if host_embed:
             # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
@@ -93,11 +96,46 @@ class LlamaModel(nn.Module):
                 a, m = layer.self_attn, layer.mlp
                 a.qkv = fuse([a.q_proj, a.k_proj, a.v_proj])
                 m.gate_up = fuse([m.gate_proj, m.up_proj])
-            if self.runtime.mma_gemv and dt == torch.float16:
+            if packed:
+                self._pack_for_cpu(wdt, tied)
+            elif self.runtime.mma_gemv and dt == torch.float16:
                 self._use_mma_layout()
         for dev in set(self.layer_devices) | {self.device}:
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
         return self
+
+    def _cpu_packed(self) -> bool:
+        """Whether a CPU model keeps its 4-bit layers packed for the CPU kernels (RuntimeConfig.cpu_weights)."""
+        mode = self.runtime.cpu_weights
+        if mode not in ("auto", "packed", "dense"):
+            raise ValueError(f"unknown cpu_weights {mode!r} (auto, packed or dense)")
+        if self.device.type != "cpu" or self.runtime.keep_q4 or mode == "dense":
+            return False
+        if not any(lin.qweight is not None for lin in self.modules() if isinstance(lin, Linear)):
+            return False                  # a dense checkpoint stays dense
+        return mode == "packed" or self.ops.cpu_kernels() is not None
+
+    def _pack_for_cpu(self, wdt, tied: bool):
+        """4-bit layers (fused ones whole) into the 4-bit CPU layout, the LM head into the 8-bit one (a tied
+        embedding table then reads its rows from the same blocks); a layer the layouts cannot take is
+        dequantized instead."""
+        ext = self.ops.cpu_kernels()
+        views = {id(v) for lin in self.modules() if isinstance(lin, Linear) for v in lin.views}
+        for lin in [m for m in self.modules() if isinstance(m, Linear) and id(m) not in views]:
+            if lin.qweight is not None and not lin.pack_for_cpu(ext):
+                for p in [lin, *lin.views]:
+                    p.views = []
+                    p.set_dense(p.dense_weight(torch.float32).to(wdt), p.bias)
+        head = self.lm_head
+        if tied:
+            head.set_dense(self.embed_tokens)           # pack the table itself, not a narrower copy of it
+        if head.weight is not None and head.pack_for_cpu(ext) and tied:
+            self.embed_tokens = head.cpu
+        for layer in self.layers:     # a part packed with its fused layer is only reached through it
+            if layer.self_attn.qkv is not None and layer.self_attn.qkv.cpu is None:
+                layer.self_attn.qkv = None
+            if layer.mlp.gate_up is not None and layer.mlp.gate_up.cpu is None:
+                layer.mlp.gate_up = None
 
     # Smaller layers stay with the CUDA-core GEMV, which is faster there (launch-bound shapes).
     MMA_MIN_WEIGHTS = 8 << 20
@@ -133,7 +171,14 @@ class LlamaModel(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> hidden states on the first layer's device."""
+        if isinstance(self.embed_tokens, CpuWeight):
+            return self.embed_tokens.rows(ids).to(self.dtype)
         return self.ops.embedding(self.embed_tokens, ids, self.device)
+
+    def dense_embedding(self) -> torch.Tensor:
+        """The token embedding table [V, D] as a dense tensor, whatever its storage."""
+        e = self.embed_tokens
+        return e.dequantize() if isinstance(e, CpuWeight) else e
 
     @staticmethod
     def _place(module, dev, dt, wdt, dequant):
@@ -211,7 +256,7 @@ class LlamaModel(nn.Module):
             cache.length = start + T
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.norm(h), lora).float()
+        return self.lm_head(h, lora, norm=self.norm).float()   # the norm rides on the head's GEMV where it can
 
     def _mask(self, B, T, start, pad, device):
         """Boolean attention mask, or None where SDPA's own causal flag (or no mask) is right."""

@@ -83,9 +83,16 @@ class Ops:
     silu_mul (before down) run in the q4 GEMV's prologue instead of as their own kernels;
     rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV."""
 
+    # CPU: up to this many rows a layer takes the block-quantized GEMV (int8 activations, the weights read once
+    # for all rows); more rows (prompts) are multiplied by the dense GEMM on fp32 weights dequantized a slice of
+    # at most CPU_SLICE_BYTES at a time (docs/performance.md).
+    CPU_GEMV_MAX_ROWS = 8
+    CPU_SLICE_BYTES = 8 << 20
+
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,
                  rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
+        self._cpu = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
         self.rope_in_attention, self.use_dense_gemv = rope_in_attention, dense_gemv
@@ -98,6 +105,63 @@ class Ops:
             from cuda_ext import build
             self._ext = build.ops_module() if build.is_available() else False
         return self._ext or None
+
+    def cpu_kernels(self):
+        """The CPU kernel module (cuda_ext/cpu) when kernels are on and it builds, else None."""
+        if not self.use_kernels:
+            return None
+        if self._cpu is None:
+            from cuda_ext import build
+            self._cpu = build.cpu.load() if build.cpu.is_available() else False
+        return self._cpu or None
+
+    def cpu_matmul(self, x, cw, bias=None, residual=None, norm=None, silu=False, out=None):
+        """x[..., perm] @ W^T + bias + residual for a CpuWeight W (model/cpu_layout.py), with q4_matmul's norm / silu
+        prologues. A few rows take the kernel's GEMV (prologue, int8 activations and the adds inside); more rows,
+        or no kernel, the dense GEMM on dequantized slices."""
+        kern = self.cpu_kernels()
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        rows = x2.shape[0]
+        res = residual.reshape(rows, cw.N).float() if residual is not None else None
+        if kern and rows <= self.CPU_GEMV_MAX_ROWS and (cw.perm is None or (norm is None and not silu)):
+            if cw.perm is not None:
+                x2 = x2.index_select(-1, cw.perm)
+            o = out.view(rows, cw.N) if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
+            y = kern.q_gemv(x2.contiguous(), cw.bits, cw.w, cw.sc, cw.of, cw.K, cw.gs,
+                            norm[0] if norm is not None else None, norm[1] if norm is not None else 0.0, silu,
+                            bias.float() if bias is not None else None, res.contiguous() if res is not None else None, o)
+            return y.view(*lead, cw.N).to(dtype)
+        if norm is not None:
+            x2 = rms_norm_ref(x2, norm[0], norm[1])
+        if silu:
+            x2 = silu_mul_ref(x2[:, :cw.K], x2[:, cw.K:])
+        if cw.perm is not None:
+            x2 = x2.index_select(-1, cw.perm)
+        step = max(8, self.CPU_SLICE_BYTES // (4 * cw.K) // 8 * 8)
+        y = torch.empty(rows, cw.N) if step < cw.N else None
+        for n0 in range(0, cw.N, step):
+            n1 = min(cw.N, n0 + step)
+            w = kern.q_dequant(cw.bits, cw.w, cw.sc, cw.of, cw.K, cw.gs, n0, n1) if kern else cw.dequantize(n0, n1)
+            if y is None:
+                y = x2 @ w.t()
+            else:
+                y[:, n0:n1] = x2 @ w.t()
+        if bias is not None:
+            y = y + bias
+        if res is not None:
+            y = y + res
+        return y.view(*lead, cw.N).to(dtype)
+
+    def cpu_qkv_attention(self, qkv, cos, sin, start: int, k_cache, v_cache, n_heads: int):
+        """For a few tokens on a CPU: rotate q and k of the fused projection qkv [B, T, (H + 2 Hkv) D] at positions
+        start.., write k and v into the caches and attend (causally) over them -> [B, T, H D]; None where the
+        kernel does not run (the caller takes the torch path)."""
+        kern = self.cpu_kernels()
+        if not (kern and qkv.shape[1] <= self.CPU_GEMV_MAX_ROWS and qkv.dtype == torch.float32
+                and qkv.is_contiguous() and k_cache.dtype in (torch.float32, torch.float16)):
+            return None
+        return kern.qkv_attention(qkv, cos, sin, start, k_cache, v_cache, n_heads)
 
     def embedding(self, table, ids, device):
         """table[ids] on `device`. A GPU reads a table kept in pinned host memory directly (graph-safe);

@@ -34,7 +34,8 @@ def embedded_fp32():
     """The embedded SmolLM2-135M on the CPU in fp32 (exact reference settings), loaded once."""
     from model.config import RuntimeConfig
     from model.loader import load
-    return load(None, RuntimeConfig(device="cpu", dtype="float32", weight_dtype="float32", max_seq_len=1024), progress=False)
+    return load(None, RuntimeConfig(device="cpu", dtype="float32", weight_dtype="float32", cpu_weights="dense",
+                                    max_seq_len=1024), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from model.config import RuntimeConfig
 
 
 def rt(**kw):
-    return RuntimeConfig(**{"device": "cpu", "dtype": "float32", "weight_dtype": "float32", "max_seq_len": 256, **kw})
+    return RuntimeConfig(**{"device": "cpu", "dtype": "float32", "weight_dtype": "float32", "cpu_weights": "dense",
+                            "max_seq_len": 256, **kw})
 
 
 @pytest.fixture(scope="module")

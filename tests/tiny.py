@@ -108,7 +108,9 @@ def gptq_checkpoint(m, folder: Path, group_size=32, sym=False, act_order=False, 
 
 def load_ours(folder: Path, **runtime) -> LlamaModel:
     cfg = ModelConfig.from_file(folder / "config.json")
-    rt = RuntimeConfig(**{"dtype": "float32", "weight_dtype": "float32", "device": "cpu", **runtime})
+    # dense CPU weights unless asked: these tests compare with exact references (tests/test_cpu_kernels.py: packed)
+    rt = RuntimeConfig(**{"dtype": "float32", "weight_dtype": "float32", "device": "cpu", "cpu_weights": "dense",
+                          **runtime})
     return load_safetensors_model(LlamaModel(cfg, rt), folder, None).finalize()
 
 

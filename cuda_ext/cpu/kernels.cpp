@@ -1,0 +1,423 @@
+// CPU kernels (kernels.h). Built for the machine it runs on (-march=native, cuda_ext/build.py), so the
+// instruction set is chosen where the engine runs: AVX-512 VNNI or AVX-VNNI dot products where present, AVX2
+// (maddubs + madd, as llama.cpp) otherwise, plain C++ without AVX2.
+#include "kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <algorithm>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CPUK_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace cpuk {
+
+namespace {
+
+inline float half_to_float(uint16_t h)
+{
+#if CPUK_AVX2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {                       // subnormal: normalise
+            int e = -1;
+            do { man <<= 1; ++e; } while (!(man & 0x400));
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | man << 13;
+    } else {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+#if CPUK_AVX2
+inline float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Eight 8-lane sums -> [sum a, ..., sum h].
+inline __m256 hsum8x8(__m256 a, __m256 b, __m256 c, __m256 d, __m256 e, __m256 f, __m256 g, __m256 h)
+{
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));   // [a b c d | a b c d] halves
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(e, f), _mm256_hadd_ps(g, h));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// exp(x), relative error ~2e-7 over the float range (Cephes' polynomial); x < -87.3 gives 0.
+inline __m256 exp8(__m256 x)
+{
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504019f);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Sum of u8 x s8 products of 32 pairs, as 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i u, __m256i s)
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    // |u| <= 127 and |s| <= 127 here (q4: u <= 15), so the pairwise int16 sums never saturate.
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 16 packed bytes -> 32 nibbles in k order (low nibbles are k 0..15, high nibbles k 16..31).
+// One broadcast load, one variable shift (the upper lane by 4) and one mask.
+inline __m256i unpack_q4(const uint8_t* p)
+{
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+#endif
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+}  // namespace
+
+const char* isa()
+{
+#if CPUK_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return "avx512vnni";
+#elif CPUK_AVX2 && defined(__AVXVNNI__)
+    return "avxvnni";
+#elif CPUK_AVX2
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+void prologue_row(const float* x, int K, const float* norm_w, float eps, bool silu_mul, float* out)
+{
+    int k = 0;
+    if (silu_mul) {
+        const float* up = x + K;
+#if CPUK_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+        for (; k + 8 <= K; k += 8) {
+            __m256 g = _mm256_loadu_ps(x + k);
+            __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg))));
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(s, _mm256_loadu_ps(up + k)));
+        }
+#endif
+        for (; k < K; ++k) out[k] = silu(x[k]) * up[k];
+        return;
+    }
+    if (!norm_w) {
+        if (out != x) std::memcpy(out, x, sizeof(float) * K);
+        return;
+    }
+    float ss = 0.0f;
+#if CPUK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    ss = hsum8(acc);
+#endif
+    for (; k < K; ++k) ss += x[k] * x[k];
+    const float r = 1.0f / std::sqrt(ss / K + eps);
+    k = 0;
+#if CPUK_AVX2
+    const __m256 rv = _mm256_set1_ps(r);
+    for (; k + 8 <= K; k += 8)
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), rv), _mm256_loadu_ps(norm_w + k)));
+#endif
+    for (; k < K; ++k) out[k] = x[k] * r * norm_w[k];
+}
+
+void quantize_row(const float* x, int K, int gs, int8_t* q, float* d, float* gsum)
+{
+    const int KB = K / 32, bpg = gs / 32;
+    for (int b = 0; b < KB; ++b) {
+        const float* xb = x + 32 * b;
+        int8_t* qb = q + 32 * b;
+        int isum = 0;
+#if CPUK_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        const float amax = hmax8(m);
+        const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const __m256 iv = _mm256_set1_ps(id);
+        // round to nearest (even), as the reference's torch.round
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, iv)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, iv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, iv));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        isum = _mm_cvtsi128_si32(s4);
+        // packs work per 128-bit lane: (0 1 | 2 3) then (0 1 2 3 | ...) interleaved; permute back to k order
+        __m256i p16 = _mm256_packs_epi32(i0, i1), p16b = _mm256_packs_epi32(i2, i3);
+        __m256i p8 = _mm256_packs_epi16(p16, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p8);
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < 32; ++j) {
+            const int v = (int)std::nearbyint(xb[j] * id);
+            qb[j] = (int8_t)v;
+            isum += v;
+        }
+#endif
+        d[b] = db;
+        if (gsum) {
+            if (b % bpg == 0) gsum[b / bpg] = 0.0f;
+            gsum[b / bpg] += db * (float)isum;
+        }
+    }
+}
+
+void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t t, const QRow& x,
+             float* y)
+{
+    const int KB = K / 32, G = K / gs, bpg = gs / 32;
+    const uint8_t* wt = w + (int64_t)t * KB * TILE * 16;
+    const uint16_t* st = sc + (int64_t)t * G * TILE;
+    const uint16_t* ot = of + (int64_t)t * G * TILE;
+#if CPUK_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m256 oacc = _mm256_setzero_ps();
+    alignas(32) float sd[8];
+    for (int g = 0; g < G; ++g) {
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + 8 * g)));
+        const __m256 o8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ot + 8 * g)));
+        oacc = _mm256_fmadd_ps(o8, _mm256_set1_ps(x.gsum[g]), oacc);
+        for (int j = 0; j < bpg; ++j) {
+            const int kb = g * bpg + j;
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * kb));
+            _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_set1_ps(x.d[kb])));
+            const uint8_t* wb = wt + kb * TILE * 16;
+#define CPUK_ROW(r, acc) \
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(unpack_q4(wb + 16 * r), xv)), _mm256_broadcast_ss(sd + r), acc)
+            CPUK_ROW(0, a0); CPUK_ROW(1, a1); CPUK_ROW(2, a2); CPUK_ROW(3, a3);
+            CPUK_ROW(4, a4); CPUK_ROW(5, a5); CPUK_ROW(6, a6); CPUK_ROW(7, a7);
+#undef CPUK_ROW
+        }
+    }
+    _mm256_storeu_ps(y, _mm256_add_ps(hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7), oacc));
+#else
+    for (int r = 0; r < TILE; ++r) {
+        float acc = 0.0f;
+        for (int g = 0; g < G; ++g) {
+            float ga = 0.0f;
+            for (int j = 0; j < bpg; ++j) {
+                const int kb = g * bpg + j;
+                const uint8_t* wb = wt + (kb * TILE + r) * 16;
+                const int8_t* xq = x.q + 32 * kb;
+                int s = 0;
+                for (int i = 0; i < 16; ++i) s += (wb[i] & 0xF) * xq[i] + (wb[i] >> 4) * xq[i + 16];
+                ga += x.d[kb] * (float)s;
+            }
+            acc += half_to_float(st[TILE * g + r]) * ga + half_to_float(ot[TILE * g + r]) * x.gsum[g];
+        }
+        y[r] = acc;
+    }
+#endif
+}
+
+void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& x, float* y)
+{
+    const int KB = K / 32;
+    const int8_t* wt = w + (int64_t)t * KB * TILE * 32;
+    const uint16_t* st = sc + (int64_t)t * KB * TILE;
+#if CPUK_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    alignas(32) float sd[8];
+    for (int kb = 0; kb < KB; ++kb) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * kb));
+        const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + 8 * kb)));
+        _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_set1_ps(x.d[kb])));
+        const int8_t* wb = wt + kb * TILE * 32;
+        // u8 x s8 dot products by the sign trick: |w| times x with w's sign
+#define CPUK_ROW(r, acc)                                                                                          \
+    {                                                                                                             \
+        const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * r));                   \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wr, wr), _mm256_sign_epi8(xv, wr))), \
+                              _mm256_broadcast_ss(sd + r), acc);                                                  \
+    }
+        CPUK_ROW(0, a0); CPUK_ROW(1, a1); CPUK_ROW(2, a2); CPUK_ROW(3, a3);
+        CPUK_ROW(4, a4); CPUK_ROW(5, a5); CPUK_ROW(6, a6); CPUK_ROW(7, a7);
+#undef CPUK_ROW
+    }
+    _mm256_storeu_ps(y, hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7));
+#else
+    for (int r = 0; r < TILE; ++r) {
+        float acc = 0.0f;
+        for (int kb = 0; kb < KB; ++kb) {
+            const int8_t* wb = wt + (kb * TILE + r) * 32;
+            const int8_t* xq = x.q + 32 * kb;
+            int s = 0;
+            for (int i = 0; i < 32; ++i) s += wb[i] * xq[i];
+            acc += half_to_float(st[TILE * kb + r]) * x.d[kb] * (float)s;
+        }
+        y[r] = acc;
+    }
+#endif
+}
+
+void q4_dequant_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t n0,
+                     int64_t n1, float* out)
+{
+    const int KB = K / 32, G = K / gs, bpg = gs / 32;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int64_t t = n / TILE;
+        const int r = (int)(n % TILE);
+        float* o = out + (n - n0) * K;
+        for (int kb = 0; kb < KB; ++kb) {
+            const int g = kb / bpg;
+            const float s = half_to_float(sc[(t * G + g) * TILE + r]), m = half_to_float(of[(t * G + g) * TILE + r]);
+            const uint8_t* wb = w + ((t * KB + kb) * TILE + r) * 16;
+            float* ob = o + 32 * kb;
+            for (int i = 0; i < 16; ++i) {
+                ob[i] = s * (float)(wb[i] & 0xF) + m;
+                ob[i + 16] = s * (float)(wb[i] >> 4) + m;
+            }
+        }
+    }
+}
+
+void q8_dequant_rows(const int8_t* w, const uint16_t* sc, int K, int64_t n0, int64_t n1, float* out)
+{
+    const int KB = K / 32;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int64_t t = n / TILE;
+        const int r = (int)(n % TILE);
+        float* o = out + (n - n0) * K;
+        for (int kb = 0; kb < KB; ++kb) {
+            const float s = half_to_float(sc[(t * KB + kb) * TILE + r]);
+            const int8_t* wb = w + ((t * KB + kb) * TILE + r) * 32;
+            for (int i = 0; i < 32; ++i) o[32 * kb + i] = s * (float)wb[i];
+        }
+    }
+}
+
+namespace {
+
+inline float dot_row(const float* q, const void* k, bool half, int64_t off, int D)
+{
+    int d = 0;
+    float s = 0.0f;
+#if CPUK_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    if (half) {
+        const uint16_t* kp = static_cast<const uint16_t*>(k) + off;
+        for (; d + 8 <= D; d += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d),
+                                  _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + d))), acc);
+    } else {
+        const float* kp = static_cast<const float*>(k) + off;
+        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kp + d), acc);
+    }
+    s = hsum8(acc);
+#endif
+    for (; d < D; ++d)
+        s += q[d] * (half ? half_to_float(static_cast<const uint16_t*>(k)[off + d]) : static_cast<const float*>(k)[off + d]);
+    return s;
+}
+
+inline void axpy_row(float a, const void* v, bool half, int64_t off, int D, float* o)
+{
+    int d = 0;
+#if CPUK_AVX2
+    const __m256 av = _mm256_set1_ps(a);
+    if (half) {
+        const uint16_t* vp = static_cast<const uint16_t*>(v) + off;
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(av, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                            reinterpret_cast<const __m128i*>(vp + d))),
+                                                    _mm256_loadu_ps(o + d)));
+    } else {
+        const float* vp = static_cast<const float*>(v) + off;
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(o + d)));
+    }
+#endif
+    for (; d < D; ++d)
+        o[d] += a * (half ? half_to_float(static_cast<const uint16_t*>(v)[off + d]) : static_cast<const float*>(v)[off + d]);
+}
+
+}  // namespace
+
+void decode_attention_heads(const float* q, const void* k, const void* v, bool kv_half, int H, int Hkv, int D,
+                            int64_t S, int64_t L, float scale, int h0, int h1, float* p, float* out)
+{
+    const int rep = H / Hkv;
+    for (int h = h0; h < h1; ++h) {
+        const int64_t base = (int64_t)(h / rep) * S * D;
+        const float* qh = q + (int64_t)h * D;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) {
+            p[j] = scale * dot_row(qh, k, kv_half, base + j * D, D);
+            m = std::max(m, p[j]);
+        }
+        float sum = 0.0f;
+        int64_t j = 0;
+#if CPUK_AVX2
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        for (; j + 8 <= L; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
+            _mm256_storeu_ps(p + j, e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        sum = hsum8(sv);
+#endif
+        for (; j < L; ++j) {
+            p[j] = std::exp(p[j] - m);
+            sum += p[j];
+        }
+        float* oh = out + (int64_t)h * D;
+        std::fill(oh, oh + D, 0.0f);
+        for (j = 0; j < L; ++j) axpy_row(p[j], v, kv_half, base + j * D, D, oh);
+        const float inv = 1.0f / sum;
+        for (int d = 0; d < D; ++d) oh[d] *= inv;
+    }
+}
+
+}  // namespace cpuk
