@@ -39,7 +39,7 @@ class Attention(nn.Module):
 
         norm: an RMSNorm applied to x first (fused into the q|k|v GEMV on GPUs)."""
         B, T, _ = x.shape
-        if self.qkv is not None and self.qkv.cpu is not None and cache is not None and mask is None \
+        if self.qkv is not None and self.qkv.packed is not None and cache is not None and mask is None \
                 and not isinstance(start, StaticPos):
             # CPU, a few tokens: rotary, the cache write and attention in one kernel call on the fused projection
             qkv = self.qkv(x, lora, norm=norm)

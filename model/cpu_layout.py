@@ -21,7 +21,11 @@ TILE = 8          # output rows a tile (cuda_ext/cpu/kernels.h)
 class CpuWeight:
     """W [N, K] of a linear layer in a CPU layout: bits 4 (w uint8 [N/8, K/32, 8, 16], sc and of fp16
     [N/8, G, 8], W = sc * q + of per group of gs inputs) or 8 (w int8 [N/8, K/32, 8, 32], sc fp16 [N/8, K/32, 8],
-    W = sc * q); 8 = TILE. perm: the act-order input permutation (the layer computes x[..., perm] @ W^T)."""
+    W = sc * q); 8 = TILE. perm: the act-order input permutation (the layer computes x[..., perm] @ W^T).
+    levels: how the GEMV quantizes this layer's activations, int8 per block of 32 in one level or two (~15 bits;
+    cuda_ext/cpu/kernels.h). The 4-bit layers take two: with one, the embedded model's decode-path perplexity
+    rises 0.26-0.40% (q|k|v the most: its errors pass through the softmax), with two 0.03%, for ~6% of decode
+    speed; the 8-bit LM head takes one (+0.03%, where two would cost another ~4%). docs/performance.md."""
     bits: int
     w: torch.Tensor
     sc: torch.Tensor
@@ -30,6 +34,7 @@ class CpuWeight:
     N: int
     gs: int
     perm: torch.Tensor | None = None
+    levels: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -87,7 +92,7 @@ def pack_q4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, 
         w = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
     def tiles(t):
         return t.to(torch.float16).t().reshape(N // TILE, TILE, G).permute(0, 2, 1).contiguous()
-    return CpuWeight(4, w, tiles(scales), tiles(offsets), K, N, gs, perm)
+    return CpuWeight(4, w, tiles(scales), tiles(offsets), K, N, gs, perm, levels=2)
 
 
 def pack_q8(weight: torch.Tensor) -> CpuWeight:

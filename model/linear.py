@@ -19,33 +19,33 @@ class Linear(nn.Module):
         self.weight: torch.Tensor | None = None     # dense [N, K]
         self.qweight = self.scales = self.offsets = self.perm = None
         self.mma = False                              # qweight in the mma layout (GPUs, quant.py)
-        self.cpu: cpu_layout.CpuWeight | None = None  # the weights in a CPU kernel layout (then no qweight)
+        self.packed: cpu_layout.CpuWeight | None = None  # the weights in a CPU kernel layout (then no qweight)
         self.views: list[Linear] = []                 # parts whose tensors view this one's (fuse)
         self.bias: torch.Tensor | None = None
         self.lora: dict = {}                          # adapter name -> (A [r, K], B [N, r], scale)
 
     @property
     def quantized(self) -> bool:
-        return self.qweight is not None or self.cpu is not None
+        return self.qweight is not None or self.packed is not None
 
     @property
     def device(self) -> torch.device:
-        if self.cpu is not None:
-            return self.cpu.w.device
+        if self.packed is not None:
+            return self.packed.w.device
         return (self.qweight if self.qweight is not None else self.weight).device
 
     def set_dense(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
-        self.qweight = self.scales = self.offsets = self.perm = self.cpu = None
+        self.qweight = self.scales = self.offsets = self.perm = self.packed = None
 
     def set_q4(self, qweight, scales, offsets, perm=None, bias=None, mma=False):
         self.qweight, self.scales, self.offsets, self.perm, self.bias = qweight, scales, offsets, perm, bias
-        self.weight, self.mma, self.cpu = None, mma, None
+        self.weight, self.mma, self.packed = None, mma, None
 
     def set_cpu(self, cw: "cpu_layout.CpuWeight", bias=None):
         """Weights in a CPU layout (model/cpu_layout.py); the q4 or dense tensors are dropped."""
         self.set_dense(None, bias)
-        self.cpu = cw
+        self.packed = cw
 
     def pack_for_cpu(self, ext=None) -> bool:
         """Repack 4-bit weights (and so the views of them) into the 4-bit CPU layout, or dense weights into the
@@ -67,7 +67,7 @@ class Linear(nn.Module):
             t0, t1 = col // cpu_layout.TILE, (col + n) // cpu_layout.TILE
             p.set_cpu(cw if p is self else cpu_layout.CpuWeight(
                 cw.bits, cw.w[t0:t1], cw.sc[t0:t1], cw.of[t0:t1] if cw.of is not None else None, cw.K, n, cw.gs,
-                cw.perm), p.bias)
+                cw.perm, cw.levels), p.bias)
             col += n
         return True
 
@@ -85,11 +85,11 @@ class Linear(nn.Module):
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W [N, K] in natural input order (undoing act-order), for tests and export."""
-        if self.cpu is not None:
-            w = self.cpu.dequantize().to(dtype)                                       # columns in perm order
-            if self.cpu.perm is not None:
+        if self.packed is not None:
+            w = self.packed.dequantize().to(dtype)                                       # columns in perm order
+            if self.packed.perm is not None:
                 full = torch.empty_like(w)
-                full[:, self.cpu.perm] = w
+                full[:, self.packed.perm] = w
                 w = full
             return w
         if not self.quantized:
@@ -133,9 +133,9 @@ class Linear(nn.Module):
                 f = x.shape[-1] // 2
                 x = self.ops.silu_mul(x[..., :f], x[..., f:])
             norm, silu = None, False
-        if self.cpu is not None:
+        if self.packed is not None:
             out = residual if residual_inplace and residual is not None and residual.is_contiguous() else None
-            y = self.ops.cpu_matmul(x, self.cpu, self.bias, residual, norm=(norm.weight, norm.eps) if norm is not None else None,
+            y = self.ops.cpu_matmul(x, self.packed, self.bias, residual, norm=(norm.weight, norm.eps) if norm is not None else None,
                                     silu=silu, out=out)
             residual = None
         elif self.quantized:

@@ -61,6 +61,7 @@ class LlamaModel(nn.Module):
         self.layer_devices = [self.device] * cfg.num_hidden_layers
         self.rotary: dict[torch.device, Rotary] = {}
         self.lora_adapters: dict = {}
+        self.cpu_decoder = None       # the packed CPU model's one-call decode step (model/cpu_decode.py)
 
     @property
     def head_device(self) -> torch.device:
@@ -102,6 +103,9 @@ class LlamaModel(nn.Module):
                 self._use_mma_layout()
         for dev in set(self.layer_devices) | {self.device}:
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
+        if packed:
+            from . import cpu_decode
+            self.cpu_decoder = cpu_decode.build(self)
         return self
 
     def _cpu_packed(self) -> bool:
@@ -130,11 +134,11 @@ class LlamaModel(nn.Module):
         if tied:
             head.set_dense(self.embed_tokens)           # pack the table itself, not a narrower copy of it
         if head.weight is not None and head.pack_for_cpu(ext) and tied:
-            self.embed_tokens = head.cpu
+            self.embed_tokens = head.packed
         for layer in self.layers:     # a part packed with its fused layer is only reached through it
-            if layer.self_attn.qkv is not None and layer.self_attn.qkv.cpu is None:
+            if layer.self_attn.qkv is not None and layer.self_attn.qkv.packed is None:
                 layer.self_attn.qkv = None
-            if layer.mlp.gate_up is not None and layer.mlp.gate_up.cpu is None:
+            if layer.mlp.gate_up is not None and layer.mlp.gate_up.packed is None:
                 layer.mlp.gate_up = None
 
     # Smaller layers stay with the CUDA-core GEMV, which is faster there (launch-bound shapes).
@@ -235,6 +239,13 @@ class LlamaModel(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > (cache.max_seq_len if cache else self.runtime.max_seq_len):
             raise ValueError(f"{start + T} tokens exceed the maximum sequence length")
+        if self.cpu_decoder is not None and cache is not None and pad is None and lora is None \
+                and B * T <= self.ops.CPU_GEMV_MAX_ROWS:
+            rope = self.rotary[self.device]
+            logits = self.cpu_decoder.step(self.embed(input_ids).contiguous(), rope.cos, rope.sin, start,
+                                           cache.k, cache.v, last_only)
+            cache.length = start + T
+            return logits
         # The embedding goes first: from host memory it is the prompt's longest single kernel (~0.6 ms for
         # 1920 tokens of a 7B), and the GPU reads it while the host sets up the rest. Positions and mask are
         # made on the first layer's device: a host tensor copied there would make the host wait for the

@@ -124,13 +124,12 @@ class Ops:
         x2 = x.reshape(-1, x.shape[-1]).float()
         rows = x2.shape[0]
         res = residual.reshape(rows, cw.N).float() if residual is not None else None
-        if kern and rows <= self.CPU_GEMV_MAX_ROWS and (cw.perm is None or (norm is None and not silu)):
-            if cw.perm is not None:
-                x2 = x2.index_select(-1, cw.perm)
+        if kern and rows <= self.CPU_GEMV_MAX_ROWS:
             o = out.view(rows, cw.N) if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
             y = kern.q_gemv(x2.contiguous(), cw.bits, cw.w, cw.sc, cw.of, cw.K, cw.gs,
                             norm[0] if norm is not None else None, norm[1] if norm is not None else 0.0, silu,
-                            bias.float() if bias is not None else None, res.contiguous() if res is not None else None, o)
+                            bias.float() if bias is not None else None, res.contiguous() if res is not None else None, o,
+                            cw.levels, cw.perm)
             return y.view(*lead, cw.N).to(dtype)
         if norm is not None:
             x2 = rms_norm_ref(x2, norm[0], norm[1])

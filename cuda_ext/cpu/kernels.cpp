@@ -166,55 +166,85 @@ void prologue_row(const float* x, int K, const float* norm_w, float eps, bool si
     for (; k < K; ++k) out[k] = x[k] * r * norm_w[k];
 }
 
-void quantize_row(const float* x, int K, int gs, int8_t* q, float* d, float* gsum)
+void quantize_row(const float* x, int K, int gs, int8_t* q, int8_t* q2, float* d, float* gsum)
 {
     const int KB = K / 32, bpg = gs / 32;
     for (int b = 0; b < KB; ++b) {
         const float* xb = x + 32 * b;
-        int8_t* qb = q + 32 * b;
         int isum = 0;
 #if CPUK_AVX2
         const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
-               v3 = _mm256_loadu_ps(xb + 24);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        const float amax = hmax8(m);
+        __m256 v[4];
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+        const float amax = hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                               _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
         const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        const __m256 iv = _mm256_set1_ps(id);
-        // round to nearest (even), as the reference's torch.round
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, iv)),
-                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, iv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, iv));
-        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        const __m256 iv = _mm256_set1_ps(id), dv = _mm256_set1_ps(db), iv2 = _mm256_set1_ps(id * 128.0f);
+        __m256i i1[4], i2[4], acc = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+            // round half to even (the default rounding mode), as the reference's torch.round
+            i1[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], iv));
+            if (q2) {
+                const __m256 r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(i1[i]), dv, v[i]);
+                i2[i] = _mm256_cvtps_epi32(_mm256_mul_ps(r, iv2));
+                acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_slli_epi32(i1[i], 7), i2[i]));
+            } else {
+                acc = _mm256_add_epi32(acc, i1[i]);
+            }
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
         s4 = _mm_hadd_epi32(s4, s4);
         s4 = _mm_hadd_epi32(s4, s4);
         isum = _mm_cvtsi128_si32(s4);
-        // packs work per 128-bit lane: (0 1 | 2 3) then (0 1 2 3 | ...) interleaved; permute back to k order
-        __m256i p16 = _mm256_packs_epi32(i0, i1), p16b = _mm256_packs_epi32(i2, i3);
-        __m256i p8 = _mm256_packs_epi16(p16, p16b);
-        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p8);
+        // packs work per 128-bit lane; the permute puts the four groups of 8 back in k order
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(i1[0], i1[1]), _mm256_packs_epi32(i1[2], i1[3])), order));
+        if (q2)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q2 + 32 * b), _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(i2[0], i2[1]), _mm256_packs_epi32(i2[2], i2[3])), order));
 #else
         float amax = 0.0f;
         for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
         const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         for (int j = 0; j < 32; ++j) {
+            // round half to even, as the reference's torch.round
             const int v = (int)std::nearbyint(xb[j] * id);
-            qb[j] = (int8_t)v;
-            isum += v;
+            q[32 * b + j] = (int8_t)v;
+            if (q2) {
+                // |residual| <= db / 2, so |v2| <= 64
+                const int v2 = (int)std::nearbyint(std::fma(-(float)v, db, xb[j]) * id * 128.0f);
+                q2[32 * b + j] = (int8_t)v2;
+                isum += 128 * v + q2[32 * b + j];
+            } else {
+                isum += v;
+            }
         }
 #endif
-        d[b] = db;
+        d[b] = q2 ? db / 128.0f : db;
         if (gsum) {
             if (b % bpg == 0) gsum[b / bpg] = 0.0f;
-            gsum[b / bpg] += db * (float)isum;
+            gsum[b / bpg] += d[b] * (float)isum;
         }
     }
 }
 
-void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t t, const QRow& x,
-             float* y)
+namespace {
+
+#if CPUK_AVX2
+// The integer dot product of a weight block (as u8) with a quantized activation block, for one or two levels:
+// two levels give 128 <w, q> + <w, q2> (|<w, q>| < 2^15 a lane, so the shifted sum stays exact).
+template <bool TWO>
+inline __m256i dot_act(__m256i u, __m256i s1, __m256i s2)
+{
+    if (TWO) return _mm256_add_epi32(_mm256_slli_epi32(dot_u8s8(u, s1), 7), dot_u8s8(u, s2));
+    return dot_u8s8(u, s1);
+}
+#endif
+
+template <bool TWO>
+void q4_tile_impl(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t t, const QRow& x,
+                  float* y)
 {
     const int KB = K / 32, G = K / gs, bpg = gs / 32;
     const uint8_t* wt = w + (int64_t)t * KB * TILE * 16;
@@ -231,10 +261,11 @@ void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, in
         for (int j = 0; j < bpg; ++j) {
             const int kb = g * bpg + j;
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * kb));
+            const __m256i xv2 = TWO ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q2 + 32 * kb)) : xv;
             _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_set1_ps(x.d[kb])));
             const uint8_t* wb = wt + kb * TILE * 16;
 #define CPUK_ROW(r, acc) \
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(unpack_q4(wb + 16 * r), xv)), _mm256_broadcast_ss(sd + r), acc)
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_act<TWO>(unpack_q4(wb + 16 * r), xv, xv2)), _mm256_broadcast_ss(sd + r), acc)
             CPUK_ROW(0, a0); CPUK_ROW(1, a1); CPUK_ROW(2, a2); CPUK_ROW(3, a3);
             CPUK_ROW(4, a4); CPUK_ROW(5, a5); CPUK_ROW(6, a6); CPUK_ROW(7, a7);
 #undef CPUK_ROW
@@ -251,7 +282,10 @@ void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, in
                 const uint8_t* wb = wt + (kb * TILE + r) * 16;
                 const int8_t* xq = x.q + 32 * kb;
                 int s = 0;
-                for (int i = 0; i < 16; ++i) s += (wb[i] & 0xF) * xq[i] + (wb[i] >> 4) * xq[i + 16];
+                for (int i = 0; i < 16; ++i) {
+                    s += (wb[i] & 0xF) * (TWO ? 128 * xq[i] + x.q2[32 * kb + i] : xq[i]);
+                    s += (wb[i] >> 4) * (TWO ? 128 * xq[i + 16] + x.q2[32 * kb + i + 16] : xq[i + 16]);
+                }
                 ga += x.d[kb] * (float)s;
             }
             acc += half_to_float(st[TILE * g + r]) * ga + half_to_float(ot[TILE * g + r]) * x.gsum[g];
@@ -261,7 +295,8 @@ void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, in
 #endif
 }
 
-void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& x, float* y)
+template <bool TWO>
+void q8_tile_impl(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& x, float* y)
 {
     const int KB = K / 32;
     const int8_t* wt = w + (int64_t)t * KB * TILE * 32;
@@ -271,6 +306,7 @@ void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& 
     alignas(32) float sd[8];
     for (int kb = 0; kb < KB; ++kb) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * kb));
+        const __m256i xv2 = TWO ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q2 + 32 * kb)) : xv;
         const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + 8 * kb)));
         _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_set1_ps(x.d[kb])));
         const int8_t* wb = wt + kb * TILE * 32;
@@ -278,7 +314,8 @@ void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& 
 #define CPUK_ROW(r, acc)                                                                                          \
     {                                                                                                             \
         const __m256i wr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * r));                   \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wr, wr), _mm256_sign_epi8(xv, wr))), \
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_act<TWO>(_mm256_sign_epi8(wr, wr), _mm256_sign_epi8(xv, wr),  \
+                                                              _mm256_sign_epi8(xv2, wr))),                      \
                               _mm256_broadcast_ss(sd + r), acc);                                                  \
     }
         CPUK_ROW(0, a0); CPUK_ROW(1, a1); CPUK_ROW(2, a2); CPUK_ROW(3, a3);
@@ -293,12 +330,25 @@ void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& 
             const int8_t* wb = wt + (kb * TILE + r) * 32;
             const int8_t* xq = x.q + 32 * kb;
             int s = 0;
-            for (int i = 0; i < 32; ++i) s += wb[i] * xq[i];
+            for (int i = 0; i < 32; ++i) s += wb[i] * (TWO ? 128 * xq[i] + x.q2[32 * kb + i] : xq[i]);
             acc += half_to_float(st[TILE * kb + r]) * x.d[kb] * (float)s;
         }
         y[r] = acc;
     }
 #endif
+}
+
+}  // namespace
+
+void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t t, const QRow& x,
+             float* y)
+{
+    x.q2 ? q4_tile_impl<true>(w, sc, of, K, gs, t, x, y) : q4_tile_impl<false>(w, sc, of, K, gs, t, x, y);
+}
+
+void q8_tile(const int8_t* w, const uint16_t* sc, int K, int64_t t, const QRow& x, float* y)
+{
+    x.q2 ? q8_tile_impl<true>(w, sc, K, t, x, y) : q8_tile_impl<false>(w, sc, K, t, x, y);
 }
 
 void q4_dequant_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t n0,

@@ -19,8 +19,11 @@ constexpr int TILE = 8;   // output rows a tile
 const char* isa();
 
 // One activation row quantized: q [K], d [K/32], and (q4) gsum [G]: the sum of the dequantized row over each group.
+// Two levels (q2 not null): x = d (128 q + q2), the second level holding the first one's rounding error to 1/128 of
+// its step (~15 bits in all), for products whose errors the softmax amplifies (q|k|v); one level: x = d q.
 struct QRow {
     const int8_t* q;
+    const int8_t* q2;
     const float* d;
     const float* gsum;
 };
@@ -29,8 +32,8 @@ struct QRow {
 // written to out [K] (fp32).
 void prologue_row(const float* x, int K, const float* norm_w, float eps, bool silu, float* out);
 
-// out: q [K], d [K/32], gsum [K/gs] (gsum may be null).
-void quantize_row(const float* x, int K, int gs, int8_t* q, float* d, float* gsum);
+// out: q [K], d [K/32], gsum [K/gs] (gsum may be null); q2 [K] (may be null: one level) the second level.
+void quantize_row(const float* x, int K, int gs, int8_t* q, int8_t* q2, float* d, float* gsum);
 
 // y[n] (n in tile t: TILE rows) = dot of a tile with a quantized row; writes TILE floats.
 void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* of, int K, int gs, int64_t t, const QRow& x,
