@@ -1,6 +1,7 @@
 """Preallocated KV cache with a current length; rewinding is just moving the length back."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -16,14 +17,22 @@ class StaticPos:
         self.pos, self.kv_len, self.pad, self.fused = pos, kv_len, pad, fused
 
 
+def _zeros(shape, device, dtype) -> torch.Tensor:
+    """Zeros; in host memory from calloc (numpy), whose pages the OS maps only once written: a 2048-token cache
+    costs the process memory for the positions used, not all of them (torch.zeros writes every page)."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, max_seq_len: int, batch_size: int = 1,
                  device="cpu", dtype=torch.float32, layer_devices: list | None = None):
         self.max_seq_len, self.batch_size = max_seq_len, batch_size
         shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         devs = layer_devices or [device] * cfg.num_hidden_layers
-        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
-        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devs]
+        self.k = [_zeros(shape, d, dtype) for d in devs]
+        self.v = [_zeros(shape, d, dtype) for d in devs]
         self.length = 0
         self._slot: tuple | None = None           # (start, device, [1] int64 tensor): see slot()
 

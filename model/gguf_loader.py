@@ -20,9 +20,9 @@ _NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
 
 
 def open_gguf(path: Path):
-    import gguf
+    from .gguf_file import GGUFFile
     try:
-        return gguf.GGUFReader(str(path))
+        return GGUFFile(path)
     except Exception as e:
         raise ModelError(f"{path}: not a readable GGUF file ({e})") from None
 
@@ -87,6 +87,21 @@ def _q4_from_blocks(raw: np.ndarray, n_rows: int, with_min: bool):
     return qweight, torch.from_numpy(d.T.copy()).contiguous(), offs.t().contiguous()
 
 
+def _q8_table(t, n_rows: int, width: int):
+    """A Q8_0 table [n_rows, width] kept in its 8 bits (the CPU layout of model/cpu_layout.py: the same blocks,
+    re-tiled), or None where the layout does not take it; LlamaModel.finalize dequantizes it where no CPU kernel
+    reads it."""
+    from .cpu_layout import TILE, CpuWeight
+    if n_rows % TILE or width % 32:
+        return None
+    blocks = np.array(t.data).reshape(n_rows, width // 32, 34)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])          # [N, KB]
+    q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8))                       # [N, KB, 32]
+    q = q.view(n_rows // TILE, TILE, width // 32, 32).permute(0, 2, 1, 3).contiguous()
+    sc = d.view(n_rows // TILE, TILE, width // 32).permute(0, 2, 1).contiguous()
+    return CpuWeight(8, q, sc, None, width, n_rows, 32)
+
+
 def _dense(t) -> torch.Tensor:
     import gguf
     arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -119,7 +134,13 @@ def load_gguf_model(model, reader, path, progress=None):
                 w = torch.from_numpy(_unpermute_rows(w.numpy(), n_head))
             lin.set_dense(w)
 
-    model.embed_tokens = _dense(get("token_embd.weight")).reshape(cfg.vocab_size, cfg.hidden_size)
+    emb = get("token_embd.weight")
+    if tuple(int(x) for x in emb.shape) != (cfg.hidden_size, cfg.vocab_size):
+        raise ModelError(f"{path}: tensor 'token_embd.weight' has shape {list(emb.shape)}, "
+                         f"expected {[cfg.hidden_size, cfg.vocab_size]}")
+    model.embed_tokens = (_q8_table(emb, cfg.vocab_size, cfg.hidden_size) if emb.tensor_type == Q.Q8_0 else None)
+    if model.embed_tokens is None:
+        model.embed_tokens = _dense(emb).reshape(cfg.vocab_size, cfg.hidden_size)
     for i, layer in enumerate(model.layers):
         for short, long in _NAMES.items():
             n_head = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)

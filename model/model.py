@@ -76,9 +76,15 @@ class LlamaModel(nn.Module):
         host_embed = self._embed_in_host_memory()
         self.layer_devices = self._plan_devices(host_embed)
         tied = self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized
-        if tied:
+        if isinstance(self.embed_tokens, CpuWeight) and not packed:
+            self.embed_tokens = self.embed_tokens.dequantize()    # a GGUF Q8_0 table (gguf_loader) made dense
+        if isinstance(self.embed_tokens, CpuWeight):
+            pass                          # stays 8-bit: _pack_for_cpu gives it to a tied head as it is
+        elif tied:
             self.lm_head.set_dense(self.embed_tokens)
-        if host_embed:
+        if isinstance(self.embed_tokens, CpuWeight):
+            pass
+        elif host_embed:
             # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
             # graph-safe, unlike a CPU lookup followed by a copy.
             self.embed_tokens = self.embed_tokens.to("cpu", dt).pin_memory()
@@ -89,7 +95,8 @@ class LlamaModel(nn.Module):
         self._place(self.norm, self.head_device, dt, wdt, dequant)
         self._place(self.lm_head, self.head_device, dt, wdt, dequant)
         lm = self.lm_head.weight
-        if lm is not None and lm.dtype == dt and lm.device == self.embed_tokens.device \
+        if lm is not None and isinstance(self.embed_tokens, torch.Tensor) and lm.dtype == dt \
+                and lm.device == self.embed_tokens.device \
                 and lm.shape == self.embed_tokens.shape and torch.equal(lm, self.embed_tokens):
             self.lm_head.weight = self.embed_tokens   # one copy of a tied table
         if not dequant:
@@ -131,10 +138,14 @@ class LlamaModel(nn.Module):
                     p.views = []
                     p.set_dense(p.dense_weight(torch.float32).to(wdt), p.bias)
         head = self.lm_head
-        if tied:
+        if tied and isinstance(self.embed_tokens, CpuWeight):
+            head.set_cpu(self.embed_tokens)             # a GGUF Q8_0 table: its own blocks
+        elif tied:
             head.set_dense(self.embed_tokens)           # pack the table itself, not a narrower copy of it
-        if head.weight is not None and head.pack_for_cpu(ext) and tied:
-            self.embed_tokens = head.packed
+            if head.pack_for_cpu(ext):
+                self.embed_tokens = head.packed
+        elif head.weight is not None:
+            head.pack_for_cpu(ext)
         for layer in self.layers:     # a part packed with its fused layer is only reached through it
             if layer.self_attn.qkv is not None and layer.self_attn.qkv.packed is None:
                 layer.self_attn.qkv = None

@@ -93,6 +93,7 @@ class Ops:
                  rope_in_attention: bool = True, dense_gemv: bool = True):
         self._ext = None
         self._cpu = None
+        self._cpu_scratch = None
         self.use_kernels = use_kernels
         self.fused_decode, self.fused_gemv = fused_decode, fused_gemv
         self.rope_in_attention, self.use_dense_gemv = rope_in_attention, dense_gemv
@@ -138,12 +139,16 @@ class Ops:
         if cw.perm is not None:
             x2 = x2.index_select(-1, cw.perm)
         step = max(8, self.CPU_SLICE_BYTES // (4 * cw.K) // 8 * 8)
-        y = torch.empty(rows, cw.N) if step < cw.N else None
+        y = torch.empty(rows, cw.N)
+        if kern and (self._cpu_scratch is None or self._cpu_scratch.numel() < step * cw.K):
+            # one slice buffer reused by every layer: no fresh megabytes per call for the allocator to keep
+            self._cpu_scratch = torch.empty(max(self.CPU_SLICE_BYTES // 4, step * cw.K))
         for n0 in range(0, cw.N, step):
             n1 = min(cw.N, n0 + step)
-            w = kern.q_dequant(cw.bits, cw.w, cw.sc, cw.of, cw.K, cw.gs, n0, n1) if kern else cw.dequantize(n0, n1)
-            if y is None:
-                y = x2 @ w.t()
+            w = kern.q_dequant(cw.bits, cw.w, cw.sc, cw.of, cw.K, cw.gs, n0, n1, self._cpu_scratch) if kern \
+                else cw.dequantize(n0, n1)
+            if n1 - n0 == cw.N:
+                torch.mm(x2, w.t(), out=y)
             else:
                 y[:, n0:n1] = x2 @ w.t()
         if bias is not None:

@@ -427,16 +427,16 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> "Tokenizer":
-        """From a GGUF file's own vocabulary. Accepts a path or an open `gguf.GGUFReader` (the model
-        loader already has one; opening a large file twice costs a second or two)."""
-        import gguf
+        """From a GGUF file's own vocabulary. Accepts a path or an open reader (model/gguf_file.py's GGUFFile,
+        or gguf-py's GGUFReader; the model loader already has one)."""
+        from .gguf_file import GGUFFile
 
         if isinstance(path_or_reader, (str, os.PathLike)):
             source = str(path_or_reader)
             if not os.path.isfile(source):
                 raise TokenizerError(f"{source}: no such GGUF file")
             try:
-                reader = gguf.GGUFReader(source)
+                reader = GGUFFile(source)
             except Exception as e:  # the reader raises ValueError/struct.error/... on a bad file
                 raise TokenizerError(f"{source}: not a readable GGUF file ({e})") from e
         else:

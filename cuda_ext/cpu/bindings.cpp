@@ -177,14 +177,23 @@ torch::Tensor q_gemv(const torch::Tensor& x, int64_t bits, const torch::Tensor& 
 
 // Dense rows [n0, n1) of W as fp32 [n1 - n0, K] (multiples of TILE), from either layout.
 torch::Tensor q_dequant(int64_t bits, const torch::Tensor& w, const torch::Tensor& sc,
-                        const c10::optional<torch::Tensor>& of, int64_t K, int64_t gs, int64_t n0, int64_t n1)
+                        const c10::optional<torch::Tensor>& of, int64_t K, int64_t gs, int64_t n0, int64_t n1,
+                        const c10::optional<torch::Tensor>& out_opt)
 {
     check_cpu(w, "w", bits == 4 ? torch::kUInt8 : torch::kInt8);
     check_cpu(sc, "sc", torch::kFloat16);
     constexpr int TL = cpuk::TILE;
     const int64_t N = w.size(0) * TL;
     TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N && n0 % TL == 0 && n1 % TL == 0, "bad row range");
-    auto out = torch::empty({n1 - n0, K}, sc.options().dtype(torch::kFloat32));
+    // out: a reusable scratch of at least (n1 - n0) K floats (the prompt path's slices), viewed to the shape
+    torch::Tensor out;
+    if (out_opt) {
+        check_cpu(*out_opt, "out", torch::kFloat32);
+        TORCH_CHECK(out_opt->numel() >= (n1 - n0) * K, "out is too small");
+        out = out_opt->view({-1}).narrow(0, 0, (n1 - n0) * K).view({n1 - n0, K});
+    } else {
+        out = torch::empty({n1 - n0, K}, sc.options().dtype(torch::kFloat32));
+    }
     float* op = out.data_ptr<float>();
     at::parallel_for(n0 / TL, n1 / TL, 8, [&](int64_t t0, int64_t t1) {
         if (bits == 4)
@@ -284,7 +293,7 @@ torch::Tensor qkv_attention(const torch::Tensor& qkv, const torch::Tensor& cos, 
     return out;
 }
 
-// The whole decode step of a packed model for a few tokens (B T <= 8 rows): every layer's norm, q|k|v, attention,
+// The whole decode step of a packed model for a few tokens (B T rows; Ops.CPU_GEMV_MAX_ROWS decides how many): every layer's norm, q|k|v, attention,
 // o_proj + residual, norm, gate|up, SiLU-mul, down + residual, then the final norm and the LM head, without
 // returning to Python between them, and with the GIL released. model/cpu_decode.py builds it.
 class CpuDecoder {
@@ -322,7 +331,6 @@ public:
         TORCH_CHECK(head_.N > 0, "no head set");
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
         const int64_t B = h.size(0), T = h.size(1), M = B * T;
-        TORCH_CHECK(M <= 64, "the decode step takes a few rows");
         for (size_t i = 0; i < layers_.size(); ++i)
             check_attention(k_caches[i], v_caches[i], cos, sin, B, T, layers_[i].qkv.N, H_, start);
         const int64_t Hkv = k_caches[0].size(1), S = k_caches[0].size(2), D = k_caches[0].size(3);
@@ -351,8 +359,6 @@ public:
                 for (int64_t b = 0; b < B; ++b)
                     std::copy(hp + ((b + 1) * T - 1) * hidden_, hp + (b + 1) * T * hidden_, last.begin() + b * hidden_);
                 src = last.data();
-            } else if (last_only) {
-                src = hp;
             }
             gemv_rows(head_, src, rows, hidden_, norm_.data_ptr<float>(), eps_, false, nullptr, logits.data_ptr<float>());
         }
@@ -393,7 +399,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
           py::arg("gs"), py::arg("norm_weight"), py::arg("eps"), py::arg("silu"), py::arg("bias"), py::arg("residual"),
           py::arg("out"), py::arg("levels") = 1, py::arg("perm") = py::none());
     m.def("q_dequant", &q_dequant, py::arg("bits"), py::arg("w"), py::arg("sc"), py::arg("of"), py::arg("K"),
-          py::arg("gs"), py::arg("n0"), py::arg("n1"));
+          py::arg("gs"), py::arg("n0"), py::arg("n1"), py::arg("out") = py::none());
     py::class_<CpuDecoder>(m, "CpuDecoder")
         .def(py::init<int64_t, int64_t, double>(), py::arg("H"), py::arg("hidden"), py::arg("eps"))
         .def("add_layer", &CpuDecoder::add_layer)
