@@ -43,7 +43,9 @@ def add_engine_args(ap: argparse.ArgumentParser):
     ap.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
     ap.add_argument("-cpe", "--compress-pos-emb", type=float, default=1.0, help="linear RoPE scaling factor")
     ap.add_argument("-a", "--alpha", type=float, default=1.0, help="NTK RoPE alpha")
-    ap.add_argument("--reference", action="store_true", help="use the torch reference path, no CUDA kernels")
+    ap.add_argument("--reference", action="store_true", help="use the torch reference path, no CUDA or CPU kernels")
+    ap.add_argument("--cpu-weights", default="auto", choices=("auto", "packed", "dense"),
+                    help="CPU: 4-bit layers packed for the CPU kernels (auto: where they build) or dequantized")
     ap.add_argument("-gs", "--gpu-split", default=None, help="GB of weights per GPU (A,B,...) or 'auto'")
     ap.add_argument("-lora", "--lora", action="append", default=[], metavar="DIR",
                     help="load a PEFT LoRA adapter (repeatable; the first one is used where one is applied)")
@@ -56,7 +58,7 @@ def runtime_from_args(args) -> RuntimeConfig:
         split = [float(x) for x in split.split(",")]
     return RuntimeConfig(max_seq_len=args.length, device=args.device, dtype=args.dtype,
                          compress_pos_emb=args.compress_pos_emb, alpha=args.alpha,
-                         force_reference=args.reference, gpu_split=split)
+                         force_reference=args.reference, gpu_split=split, cpu_weights=args.cpu_weights)
 
 
 def load_from_args(args, **kw):
@@ -280,7 +282,7 @@ def describe(model) -> dict:
                  if isinstance(m, Linear) and id(m) not in fused
                  and not (m is model.lm_head and model.cfg.tie_word_embeddings))
     return {"model": Path(getattr(model, "source", "?")).name,
-            "params_m": round((linear + model.embed_tokens.numel()) / 1e6, 1),
+            "params_m": round((linear + model.cfg.vocab_size * model.cfg.hidden_size) / 1e6, 1),
             "group_size": q.group_size if q else None, "act_order": q.desc_act if q else None,
             "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
 

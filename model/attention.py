@@ -74,6 +74,8 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.write(self.layer_idx, k, v, start)
         causal = mask is None and T > 1
+        if k.dtype != q.dtype:            # an fp16 cache under fp32 activations (packed CPU models)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1), lora, residual, residual_inplace=residual_inplace)

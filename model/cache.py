@@ -1,6 +1,8 @@
 """Preallocated KV cache with a current length; rewinding is just moving the length back."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -18,10 +20,14 @@ class StaticPos:
 
 
 def _zeros(shape, device, dtype) -> torch.Tensor:
-    """Zeros; in host memory from calloc (numpy), whose pages the OS maps only once written: a 2048-token cache
-    costs the process memory for the positions used, not all of them (torch.zeros writes every page)."""
+    """Zeros; in host memory an anonymous mapping of its own, whose pages the OS provides (zeroed) only once written
+    and takes back when the tensor goes: a 2048-token cache costs the process memory for the positions used, not
+    all of them (torch.zeros writes every page, and malloc'd memory would stay with the process)."""
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16):
-        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+        nd = np.float32 if dtype == torch.float32 else np.float16
+        n = int(np.prod(shape))
+        buf = mmap.mmap(-1, max(1, n * np.dtype(nd).itemsize))
+        return torch.from_numpy(np.frombuffer(buf, dtype=nd, count=n).reshape(shape))
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
@@ -66,8 +72,8 @@ class KVCache:
         what a captured CUDA graph needs: no host value decides a shape or an offset.
         """
         if isinstance(start, StaticPos):
-            self.k[layer].index_copy_(2, start.pos, k)
-            self.v[layer].index_copy_(2, start.pos, v)
+            self.k[layer].index_copy_(2, start.pos, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, start.pos, v.to(self.v[layer].dtype))
             return self.k[layer][:, :, :start.kv_len], self.v[layer][:, :, :start.kv_len]
         end = start + k.shape[2]
         self.check_room(start, k.shape[2])

@@ -119,7 +119,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float16) -> dict:
 def iter_hf_tensors(model):
     """(HF name, fp32 tensor on the CPU) for every weight of a loaded LlamaModel, in file order."""
     cfg = model.cfg
-    yield "model.embed_tokens.weight", model.embed_tokens.float().cpu()
+    yield "model.embed_tokens.weight", model.dense_embedding().float().cpu()
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
         yield f"{p}.input_layernorm.weight", layer.input_layernorm.weight.float().cpu()
@@ -214,7 +214,7 @@ def export(model, tokenizer, out_dir, dtype: torch.dtype = torch.float16,
 def export_path(src: str | None, out_dir, dtype: torch.dtype = torch.float16, progress=True) -> Path:
     """Load `src` (None: the embedded GGUF) on the CPU with fp32 weights and export it."""
     from .loader import load
-    rt = RuntimeConfig(device="cpu", dtype="float32", weight_dtype="float32", max_seq_len=16)
+    rt = RuntimeConfig(device="cpu", dtype="float32", weight_dtype="float32", cpu_weights="dense", max_seq_len=16)
     model, tok = load(src, rt, progress=progress)
     return export(model, tok, out_dir, dtype)
 

@@ -61,6 +61,7 @@ class LlamaModel(nn.Module):
         self.layer_devices = [self.device] * cfg.num_hidden_layers
         self.rotary: dict[torch.device, Rotary] = {}
         self.lora_adapters: dict = {}
+        self.cpu_packed = False       # 4-bit layers in the CPU kernels' layouts (finalize)
         self.cpu_decoder = None       # the packed CPU model's one-call decode step (model/cpu_decode.py)
 
     @property
@@ -110,6 +111,7 @@ class LlamaModel(nn.Module):
                 self._use_mma_layout()
         for dev in set(self.layer_devices) | {self.device}:
             self.rotary[dev] = Rotary(self.cfg, self.runtime, dev)
+        self.cpu_packed = packed
         if packed:
             from . import cpu_decode
             self.cpu_decoder = cpu_decode.build(self)
@@ -233,8 +235,14 @@ class LlamaModel(nn.Module):
         return segs
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, max_seq_len or self.runtime.max_seq_len, batch_size, self.device, self.dtype,
+        return KVCache(self.cfg, max_seq_len or self.runtime.max_seq_len, batch_size, self.device, self.cache_dtype,
                        layer_devices=self.layer_devices)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """fp16 keys and values for a packed CPU model (its kernels read them directly: half the memory and the
+        attention's bytes, as on GPUs), else the activation dtype."""
+        return torch.float16 if self.cpu_packed and self.ops.cpu_kernels() is not None else self.dtype
 
     # -- forward --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -47,8 +47,8 @@ def rope_kv_write_ref(q, k, v, cos, sin, pos, slot, k_cache, v_cache, rotary=rot
     k = rotary(k, cos, sin, pos)
     T = q.shape[1]
     slots = slot if T == 1 else slot[:1] + torch.arange(T, device=slot.device)
-    k_cache.index_copy_(2, slots, k.transpose(1, 2))
-    v_cache.index_copy_(2, slots, v.transpose(1, 2))
+    k_cache.index_copy_(2, slots, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.transpose(1, 2).to(v_cache.dtype))
     return q
 
 
@@ -61,7 +61,8 @@ def decode_attention_ref(q, k_cache, v_cache, pos, kv_len, pad=None):
     if pad is not None:
         mask = mask & (j >= pad.view(B, 1, 1, 1))
     mask = mask.expand(B, 1, 1, kv_len)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :kv_len].to(q.dtype),
+                                       v_cache[:, :, :kv_len].to(q.dtype),
                                        attn_mask=mask, enable_gqa=H != k_cache.shape[1])
     return o.transpose(1, 2)
 
@@ -135,7 +136,10 @@ class Ops:
         if norm is not None:
             x2 = rms_norm_ref(x2, norm[0], norm[1])
         if silu:
-            x2 = silu_mul_ref(x2[:, :cw.K], x2[:, cw.K:])
+            # in place into the gate half (x is gate|up, consumed, as on GPUs): a prompt's [T, F] activations
+            # cost no second buffer
+            gate = F.silu(x2[:, :cw.K], inplace=True)
+            x2 = gate.mul_(x2[:, cw.K:])
         if cw.perm is not None:
             x2 = x2.index_select(-1, cw.perm)
         step = max(8, self.CPU_SLICE_BYTES // (4 * cw.K) // 8 * 8)
@@ -152,9 +156,9 @@ class Ops:
             else:
                 y[:, n0:n1] = x2 @ w.t()
         if bias is not None:
-            y = y + bias
+            y += bias
         if res is not None:
-            y = y + res
+            y += res
         return y.view(*lead, cw.N).to(dtype)
 
     def cpu_qkv_attention(self, qkv, cos, sin, start: int, k_cache, v_cache, n_heads: int):
