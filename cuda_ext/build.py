@@ -20,7 +20,7 @@ NAME = "exllama_ext"
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_NAME = "exllama_cpu"
 CPU_SRC = Path(__file__).resolve().parent / "cpu"
-CPU_SOURCES = ("bindings.cpp", "kernels.cpp")
+CPU_SOURCES = ("bindings.cpp", "kernels.cpp", "sampler.cpp")
 
 # The one list of sources (headers are tracked by ninja through the compiler's depfiles).
 SOURCES = (

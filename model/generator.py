@@ -231,6 +231,12 @@ class Generator:
 
     # -- cache ------------------------------------------------------------------------------
 
+    def _sampler_kernels(self):
+        """The CPU kernels for a model whose logits come to the CPU (model/sampler.py samples one row there)."""
+        ops = getattr(self.model, "ops", None)
+        head = getattr(self.model, "head_device", None)
+        return ops.cpu_kernels() if ops is not None and head is not None and head.type == "cpu" else None
+
     def reset(self) -> None:
         """Forget the cache contents."""
         self.cache.reset()
@@ -337,7 +343,7 @@ class Generator:
         logits = self._prefill(ids, settings.lora)
         reused = self.last_reused_tokens
 
-        sampler = Sampler(settings.sampler)
+        sampler = Sampler(settings.sampler, kernels=self._sampler_kernels())
         ss = settings.sampler
         window = ss.penalty_window if ss.has_penalties else 0
         hist = None
@@ -451,7 +457,7 @@ class Generator:
         streams = [TextStream(self.tokenizer, settings.stop_strings, settings.break_on_newline) for _ in rows]
         reasons: list[str | None] = [None] * B
         eos = self.eos_ids if settings.stop_on_eos else frozenset()
-        sampler = Sampler(settings.sampler)
+        sampler = Sampler(settings.sampler, kernels=self._sampler_kernels())
         ss = settings.sampler
         window = ss.penalty_window if ss.has_penalties else 0
 

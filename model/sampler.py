@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+_NO_IDS = torch.empty(0, dtype=torch.long)
 LN2 = math.log(2.0)
 _SEED_MAX = 2**64 - 1
 
@@ -520,8 +521,12 @@ class Sampler:
     _PARTIAL_TYPICAL_MIN_N = 4096  # rows longer than this use the partial-topk typical path
     _COMPACT_MIN_N = 8192  # single rows longer than this are compacted to their survivors to draw
 
-    def __init__(self, settings: SamplerSettings | None = None, seed: int | None = None):
+    def __init__(self, settings: SamplerSettings | None = None, seed: int | None = None, kernels=None):
+        """kernels: the CPU kernel module (Ops.cpu_kernels()); with it, one row of CPU logits is sampled by its
+        `sample_row` in one call (same rules, same survivor sets and distribution; a draw may walk the survivors in
+        another order than this module's, so a seed gives other text than here, the same text again each time)."""
         self._settings = settings if settings is not None else SamplerSettings()
+        self.kernels = kernels
         self._ids_cache: dict[tuple, torch.Tensor | None] = {}
         self.seed: int = 0
         self.last_surprise: torch.Tensor | None = None
@@ -710,6 +715,10 @@ class Sampler:
         history: the tokens so far per row (prompt + generated) for the penalties:
         LongTensor ``[B, T]`` (ids < 0 = padding), a list of B token lists, or None.
         """
+        if self.kernels is not None:
+            fast = self._sample_row(logits, history)
+            if fast is not None:
+                return fast
         x, idx, mode = self._final(logits, history)
         if mode == "greedy":
             pos = x.argmax(-1)
@@ -727,6 +736,22 @@ class Sampler:
             self._mu = self._mu - s.mirostat_eta * (surprise - s.mirostat_tau)
             self.last_surprise = surprise
         return _compose(idx, pos)
+
+    def _sample_row(self, logits: torch.Tensor, history: Any) -> torch.Tensor | None:
+        """One CPU row through the kernel (no mirostat, no allowed set), else None."""
+        s = self._settings
+        x = self._as_2d(logits)
+        if x.shape[0] != 1 or x.device.type != "cpu" or s.mirostat or s.allowed_tokens:
+            return None
+        h = as_history(history, 1, "cpu", s.penalty_window) if s.has_penalties else None
+        banned = self._ids("banned", x.shape[1], x.device) if s.banned_tokens else None
+        u = 0.0 if s.is_greedy else float(torch.rand((1, 1), generator=self.generator("cpu"), dtype=torch.float64))
+        tok = self.kernels.sample_row(
+            x[0].contiguous(), h[0].contiguous() if h is not None else _NO_IDS,
+            banned if banned is not None else _NO_IDS, s.repetition_penalty, s.repetition_penalty_sustain,
+            s.repetition_penalty_decay, s.presence_penalty, s.frequency_penalty, s.temperature, s.top_k, s.top_p,
+            s.min_p, s.typical, u)
+        return torch.tensor([tok])
 
     def _compact_finite(self, x: torch.Tensor, idx: torch.Tensor | None):
         """A long single row with few survivors (min_p / mirostat on the full vocabulary) is cut down

@@ -266,3 +266,77 @@ def test_embedded_model_packed(embedded_fp32, botchan_text):
     weights = sum(m.packed.nbytes for m in packed.modules() if getattr(m, "packed", None) is not None
                   and not any(m in getattr(p, "views", []) for p in packed.modules()))
     assert weights < 110e6
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+SAMPLER_CASES = [
+    dict(),                                                   # the app's defaults: k 50, p 0.9, min_p, rep 1.1
+    dict(temperature=0.95, top_k=0, top_p=0.75, min_p=0.0, typical=0.25, repetition_penalty=1.15,
+         repetition_penalty_sustain=2048, repetition_penalty_decay=512),      # a new chat session's defaults
+    dict(top_k=20, top_p=0.8, min_p=0.02, typical=0.9, temperature=0.7, presence_penalty=0.3,
+         frequency_penalty=0.2, banned_tokens=[0, 5]),
+    dict(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0),   # top_p's head grows
+    dict(temperature=1.3, top_k=0, top_p=1.0, min_p=0.1, repetition_penalty=1.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical=0.8, repetition_penalty=1.3),
+    dict(temperature=0.0, repetition_penalty=10.0, banned_tokens=[3]),
+]
+
+
+def row_args(s, h):
+    return (h, torch.tensor(s.banned_tokens, dtype=torch.long), s.repetition_penalty, s.repetition_penalty_sustain,
+            s.repetition_penalty_decay, s.presence_penalty, s.frequency_penalty, s.temperature, s.top_k, s.top_p,
+            s.min_p, s.typical)
+
+
+@pytest.mark.parametrize("case", SAMPLER_CASES)
+@pytest.mark.parametrize("V", [5000, 49152])
+def test_cpu_sampler_distribution_equals_the_torch_sampler(case, V):
+    """sample_row's final distribution (u < 0) is the torch Sampler's `probs`: same survivors, same weights."""
+    from model.sampler import Sampler, SamplerSettings
+    s = SamplerSettings(**case)
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(V, generator=g) * 2.5
+    h = torch.randint(0, V, (300,), generator=g)
+    want = Sampler(s, seed=1).probs(x.unsqueeze(0), h.unsqueeze(0))[0]
+    got = EXT.sample_row(x, *row_args(s, h), -1.0)
+    assert torch.equal(got > 0, want > 0)
+    assert (got - want).abs().max() < 1e-6
+
+
+def test_cpu_sampler_draws_follow_the_distribution():
+    """Draws through Sampler(kernels=...) (the generator's CPU path) against the reference distribution: a chi-square
+    over 60k draws that the distribution of a wrong temperature (0.7 for 0.8) or of no penalty fails; a fixed seed
+    replays exactly."""
+    from model.sampler import Sampler, SamplerSettings
+    s = SamplerSettings(temperature=0.8, top_k=12, top_p=0.97, min_p=0.0, repetition_penalty=1.3)
+    x = torch.randn(1, 400, generator=torch.Generator().manual_seed(3)) * 1.5
+    h = [[int(i) for i in x[0].topk(3).indices]]      # penalise three likely tokens
+    n = 60000
+    fast = Sampler(s, seed=5, kernels=EXT)
+    toks = torch.cat([fast.sample(x, h) for _ in range(n)])
+    counts = torch.bincount(toks, minlength=400).double()
+
+    def chi2(p):
+        keep = p > 0
+        if counts[~keep].sum() > 0:                       # a token this distribution never gives
+            return math.inf, 0
+        e = p[keep] * n
+        return float(((counts[keep] - e) ** 2 / e).sum()), int(keep.sum()) - 1
+
+    stat, dof = chi2(Sampler(s).probs(x, h)[0].double())
+    limit = dof + 5 * math.sqrt(2 * dof)
+    assert dof > 5 and stat < limit
+    for wrong in (s.replace(temperature=0.7), s.replace(repetition_penalty=1.0)):
+        assert chi2(Sampler(wrong).probs(x, h)[0].double())[0] > limit
+    replay = Sampler(s, seed=5, kernels=EXT)
+    assert torch.equal(torch.cat([replay.sample(x, h) for _ in range(200)]), toks[:200])
+
+
+def test_cpu_sampler_rejects_rows_with_nothing_to_sample():
+    from model.sampler import Sampler, SamplerSettings
+    s = SamplerSettings(banned_tokens=[0, 1])
+    with pytest.raises(ValueError, match="no token can be sampled"):
+        Sampler(s, kernels=EXT).sample(torch.tensor([[1.0, 2.0, float("-inf")]]))
+    with pytest.raises(ValueError, match="no token can be sampled"):
+        Sampler(SamplerSettings.greedy(), kernels=EXT).sample(torch.tensor([[1.0, float("nan")]]))

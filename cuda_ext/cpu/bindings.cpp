@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "sampler.h"
 
 namespace {
 
@@ -389,10 +390,49 @@ private:
     Lin head_;
 };
 
+// One row's sampling (sampler.h): logits [V] fp32, history int64 [T] (the penalties' tokens), banned int64 [n].
+// u: the uniform for the draw, or < 0 for the final distribution over the vocabulary (fp32 [V], the tests' view).
+py::object sample_row(const torch::Tensor& logits, const torch::Tensor& history, const torch::Tensor& banned,
+                      double repetition_penalty, int64_t sustain, int64_t decay, double presence, double frequency,
+                      double temperature, int64_t top_k, double top_p, double min_p, double typical, double u)
+{
+    check_cpu(logits, "logits", torch::kFloat32);
+    check_cpu(history, "history", torch::kInt64);
+    check_cpu(banned, "banned", torch::kInt64);
+    TORCH_CHECK(logits.dim() == 1 && logits.numel() > 0, "logits must be [V]");
+    cpuk::SampleParams p;
+    p.repetition_penalty = (float)repetition_penalty, p.sustain = sustain, p.decay = decay;
+    p.presence = (float)presence, p.frequency = (float)frequency, p.temperature = (float)temperature;
+    p.top_k = top_k, p.top_p = (float)top_p, p.min_p = (float)min_p, p.typical = (float)typical;
+    const float* lp = logits.data_ptr<float>();
+    std::vector<float> x(lp, lp + logits.numel()), vals;
+    std::vector<int64_t> ids;
+    if (!cpuk::sample_candidates(x, history.data_ptr<int64_t>(), history.numel(), banned.data_ptr<int64_t>(),
+                                 banned.numel(), p, ids, vals))
+        throw py::value_error("no token can be sampled: every candidate has logit -inf or nan "
+                              "(all banned, or the model produced -inf / nan)");
+    if (u >= 0) return py::int_(ids.size() == 1 ? ids[0] : ids[cpuk::draw(vals, u)]);
+    auto probs = torch::zeros_like(logits);
+    float* pp = probs.data_ptr<float>();
+    if (temperature == 0.0 || top_k == 1) {
+        pp[ids[0]] = 1.0f;
+    } else {
+        const float m = *std::max_element(vals.begin(), vals.end());
+        double total = 0.0;
+        for (float v : vals) total += std::exp((double)(v - m));
+        for (size_t i = 0; i < ids.size(); ++i) pp[ids[i]] = (float)(std::exp((double)(vals[i] - m)) / total);
+    }
+    return py::cast(probs);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 {
     m.doc() = "exllama CPU kernels: block-quantized GEMV (int8 activations), dequantization, decode attention";
     m.def("isa", &cpuk::isa, "the instruction set this build uses");
+    m.def("sample_row", &sample_row, py::arg("logits"), py::arg("history"), py::arg("banned"),
+          py::arg("repetition_penalty"), py::arg("sustain"), py::arg("decay"), py::arg("presence"),
+          py::arg("frequency"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+          py::arg("typical"), py::arg("u"));
     m.def("q4_pack", &q4_pack, "q4 qweight [K/8, N] -> the CPU layout uint8 [N/8, K/32, 8, 16]");
     m.attr("TILE") = cpuk::TILE;
     m.def("q_gemv", &q_gemv, py::arg("x"), py::arg("bits"), py::arg("w"), py::arg("sc"), py::arg("of"), py::arg("K"),
