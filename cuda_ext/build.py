@@ -20,7 +20,7 @@ NAME = "exllama_ext"
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_NAME = "exllama_cpu"
 CPU_SRC = Path(__file__).resolve().parent / "cpu"
-CPU_SOURCES = ("bindings.cpp", "kernels.cpp", "sampler.cpp")
+CPU_SOURCES = ("bindings.cpp", "kernels.cpp", "pool.cpp", "sampler.cpp")
 
 # The one list of sources (headers are tracked by ninja through the compiler's depfiles).
 SOURCES = (
@@ -230,9 +230,8 @@ def _build_cpu(verbose: bool):
     mod = cpp_extension.load(
         name=CPU_NAME,
         sources=[str(CPU_SRC / s) for s in CPU_SOURCES],
-        # -fopenmp: at::parallel_for runs on torch's OpenMP pool (its libgomp.so.1 is the one already loaded)
-        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        # threads: the kernels' own pool (cpu/pool.h), sized by torch's intra-op thread count
+        extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
         build_directory=str(folder),
         with_cuda=False,
         verbose=verbose,

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 #include "sampler.h"
 
 namespace {
@@ -35,7 +36,7 @@ torch::Tensor q4_pack(const torch::Tensor& qweight)
     const uint32_t* src = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
     uint8_t* dst = out.data_ptr<uint8_t>();
     const int64_t KB = K / 32;
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    cpuk::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
             const int64_t t = n / T, r = n % T;
             for (int64_t kb = 0; kb < KB; ++kb) {
@@ -126,7 +127,7 @@ void gemv_rows(const Lin& L, const float* x, int64_t M, int64_t xstride, const f
         cpuk::quantize_row(r, (int)K, (int)L.gs, q.data() + m * K, L.levels == 2 ? q2.data() + m * K : nullptr,
                            d.data() + m * (K / 32), L.bits == 4 ? gsum.data() + m * G : nullptr);
     }
-    at::parallel_for(0, N / TL, tile_grain(K, (int)L.bits), [&](int64_t t0, int64_t t1) {
+    cpuk::parallel_for(0, N / TL, tile_grain(K, (int)L.bits), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
             for (int64_t m = 0; m < M; ++m) {
                 const cpuk::QRow xr{q.data() + m * K, L.levels == 2 ? q2.data() + m * K : nullptr,
@@ -196,7 +197,7 @@ torch::Tensor q_dequant(int64_t bits, const torch::Tensor& w, const torch::Tenso
         out = torch::empty({n1 - n0, K}, sc.options().dtype(torch::kFloat32));
     }
     float* op = out.data_ptr<float>();
-    at::parallel_for(n0 / TL, n1 / TL, 8, [&](int64_t t0, int64_t t1) {
+    cpuk::parallel_for(n0 / TL, n1 / TL, 8, [&](int64_t t0, int64_t t1) {
         if (bits == 4)
             cpuk::q4_dequant_rows(w.data_ptr<uint8_t>(), half_ptr(sc), half_ptr(*of), (int)K, (int)gs, TL * t0, TL * t1,
                                   op + (TL * t0 - n0) * K);
@@ -249,7 +250,7 @@ void attention_rows(const float* qkv, int64_t B, int64_t T, const float* cp, con
     }
     const float scale = 1.0f / std::sqrt((float)D);
     // one task a (row, token, head); each needs its keys' scores
-    at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
+    cpuk::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> p(start + T);
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
