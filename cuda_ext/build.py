@@ -5,9 +5,9 @@ Nothing happens at import. The CUDA extension (module `exllama_ext`): the first 
 `torch.cuda.get_device_capability()`, unless the environment already sets it) into a cached build
 folder: `$EXLLAMA_EXT_DIR`, else `~/.cache/exllama_ext/<torch version>-<cuda version>`.
 The CPU kernels (module `exllama_cpu`, cpu/): `cpu.load()` / `cpu.is_available()` compile them with
--march=native for this processor into `$EXLLAMA_CPU_EXT_DIR`, else `~/.cache/exllama_ext/cpu-<torch
-version>-<key of this CPU's model and flags>`, so a home folder shared by two machines never hands one the
-other's build. Later processes reuse the objects; ninja rebuilds only what changed.
+-march=native for this processor (`$EXLLAMA_CPU_MARCH` another) into `$EXLLAMA_CPU_EXT_DIR`, else
+`~/.cache/exllama_ext/cpu-<torch version>-<key of this CPU's model and flags>`, so a home folder shared by two
+machines never hands one the other's build. Later processes reuse the objects; ninja rebuilds only what changed.
 """
 from __future__ import annotations
 
@@ -200,7 +200,9 @@ def cpu_build_dir() -> Path:
     if env:
         return Path(env).expanduser()
     import torch
-    return Path.home() / ".cache" / "exllama_ext" / f"cpu-{torch.__version__}-{cpu_key()}"
+    march = os.environ.get("EXLLAMA_CPU_MARCH", "native")
+    return Path.home() / ".cache" / "exllama_ext" / f"cpu-{torch.__version__}-{cpu_key()}" \
+        f"{'' if march == 'native' else '-' + march}"
 
 
 def _cpu_problem() -> str | None:
@@ -231,7 +233,8 @@ def _build_cpu(verbose: bool):
         name=CPU_NAME,
         sources=[str(CPU_SRC / s) for s in CPU_SOURCES],
         # threads: the kernels' own pool (cpu/pool.h), sized by torch's intra-op thread count
-        extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
+        # EXLLAMA_CPU_MARCH: another -march (e.g. x86-64: the plain C++ paths) for tests and A/B builds
+        extra_cflags=["-O3", f"-march={os.environ.get('EXLLAMA_CPU_MARCH', 'native')}", "-fno-math-errno"],
         build_directory=str(folder),
         with_cuda=False,
         verbose=verbose,

