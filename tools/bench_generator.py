@@ -79,6 +79,7 @@ class Replay:
     def __init__(self, model, logits: list[torch.Tensor], prompt_len: int):
         self.runtime = SimpleNamespace(max_seq_len=prompt_len + len(logits) + 8)
         self.logits, self.P, self.model = logits, prompt_len, model
+        self.ops, self.head_device = model.ops, model.head_device     # the generator's CPU sampler, as for the model
 
     def new_cache(self, batch_size=1, max_seq_len=None):
         return _Cache(max_seq_len or self.runtime.max_seq_len)
