@@ -16,6 +16,8 @@ $(VENV)/.setup-done: requirements.txt package.json
 	# The page's libraries come from npm into node_modules/, then into static/vendor/ (both ignored).
 	npm ci --no-audit --no-fund --loglevel=error
 	npm run --silent vendor
+	# The CPU kernels, compiled for this processor (about half a minute; the engine would build them at first use).
+	$(PY) -c "import sys; sys.path.insert(0, '.'); from cuda_ext import build; build.cpu.is_available()"
 	touch $@
 
 setup-test: $(VENV)/.test-done

@@ -1,4 +1,6 @@
-"""The engine's CUDA extension: kernels in csrc/, built lazily by build.py, wrapped by ops.py.
+"""The engine's native extensions, built lazily by build.py: the CUDA kernels (csrc/, wrapped by ops.py) and the
+CPU kernels (cpu/: the 4-bit GEMV, attention, sampling and the one-call decode step; model/ops.py calls them).
 
-Importing this package does nothing: `build.is_available()` or `build.ops_module()` builds on first use.
+Importing this package does nothing: `build.is_available()` / `build.ops_module()` (CUDA) and
+`build.cpu.is_available()` / `build.cpu.load()` (CPU) build on first use.
 """

@@ -1,7 +1,8 @@
-"""One place that picks, per op, the CUDA kernel or its pure-torch reference.
+"""One place that picks, per op, a kernel (CUDA, or the CPU kernels for packed CPU weights) or its pure-torch
+reference.
 
-The references are the definition of each op: kernels are tested against them, and they are
-what runs on CPUs. `Ops(use_kernels=False)` forces the references everywhere.
+The references are the definition of each op: kernels are tested against them, and they run where no kernel
+does. `Ops(use_kernels=False)` forces the references everywhere.
 """
 from __future__ import annotations
 
