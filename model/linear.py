@@ -135,8 +135,8 @@ class Linear(nn.Module):
             norm, silu = None, False
         if self.packed is not None:
             out = residual if residual_inplace and residual is not None and residual.is_contiguous() else None
-            y = self.ops.cpu_matmul(x, self.packed, self.bias, residual, norm=(norm.weight, norm.eps) if norm is not None else None,
-                                    silu=silu, out=out)
+            y = self.ops.cpu_matmul(x, self.packed, self.bias, residual,
+                                    norm=(norm.weight, norm.eps) if norm is not None else None, silu=silu, out=out)
             residual = None
         elif self.quantized:
             out = residual if residual_inplace and residual is not None and residual.is_contiguous() else None

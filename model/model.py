@@ -79,18 +79,16 @@ class LlamaModel(nn.Module):
         tied = self.cfg.tie_word_embeddings and self.lm_head.weight is None and not self.lm_head.quantized
         if isinstance(self.embed_tokens, CpuWeight) and not packed:
             self.embed_tokens = self.embed_tokens.dequantize()    # a GGUF Q8_0 table (gguf_loader) made dense
-        if isinstance(self.embed_tokens, CpuWeight):
-            pass                          # stays 8-bit: _pack_for_cpu gives it to a tied head as it is
-        elif tied:
-            self.lm_head.set_dense(self.embed_tokens)
-        if isinstance(self.embed_tokens, CpuWeight):
-            pass
-        elif host_embed:
-            # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
-            # graph-safe, unlike a CPU lookup followed by a copy.
-            self.embed_tokens = self.embed_tokens.to("cpu", dt).pin_memory()
-        else:
-            self.embed_tokens = self.embed_tokens.to(self.device, dt)
+        # else an 8-bit table stays in its blocks: _pack_for_cpu gives it to a tied head as it is
+        if isinstance(self.embed_tokens, torch.Tensor):
+            if tied:
+                self.lm_head.set_dense(self.embed_tokens)
+            if host_embed:
+                # Pinned host memory, read by the GPU directly (Ops.embedding): ExLlama's VRAM saving, and
+                # graph-safe, unlike a CPU lookup followed by a copy.
+                self.embed_tokens = self.embed_tokens.to("cpu", dt).pin_memory()
+            else:
+                self.embed_tokens = self.embed_tokens.to(self.device, dt)
         for layer, dev in zip(self.layers, self.layer_devices):
             self._place(layer, dev, dt, wdt, dequant)
         self._place(self.norm, self.head_device, dt, wdt, dequant)

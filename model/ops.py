@@ -121,7 +121,8 @@ class Ops:
     def cpu_matmul(self, x, cw, bias=None, residual=None, norm=None, silu=False, out=None):
         """x[..., perm] @ W^T + bias + residual for a CpuWeight W (model/cpu_layout.py), with q4_matmul's norm / silu
         prologues. A few rows take the kernel's GEMV (prologue, int8 activations and the adds inside); more rows,
-        or no kernel, the dense GEMM on dequantized slices."""
+        or no kernel, the dense GEMM on dequantized slices, where silu(gate) * up overwrites the gate half of an fp32
+        x (x is consumed, as q4_matmul's on GPUs)."""
         kern = self.cpu_kernels()
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, x.shape[-1]).float()

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -65,11 +66,14 @@ private:
     void loop(int idx, uint64_t seen)
     {
         while (true) {
-            // spin ~1 ms for the next region (a decode step's come every few us), then sleep
+            // spin up to 1 ms for the next region (a decode step's come every few us), then sleep; by the clock,
+            // since a pause takes 25 ns on one CPU and 1 ns on another
             uint64_t g = gen_.load(std::memory_order_acquire);
-            for (int i = 0; g == seen && i < 200000; ++i) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+            for (uint32_t i = 1; g == seen; ++i) {
                 CPUK_PAUSE();
                 g = gen_.load(std::memory_order_acquire);
+                if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
             }
             if (g == seen) {
                 std::unique_lock<std::mutex> l(m_);
