@@ -66,10 +66,11 @@ private:
     void loop(int idx, uint64_t seen)
     {
         while (true) {
-            // spin up to 1 ms for the next region (a decode step's come every few us), then sleep; by the clock,
+            // spin up to 5 ms for the next region (a decode step's come every few us, the next step's after the
+            // sampler and the websocket: 1 ms cost the chat page 15% of its speed), then sleep; by the clock,
             // since a pause takes 25 ns on one CPU and 1 ns on another
             uint64_t g = gen_.load(std::memory_order_acquire);
-            const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+            const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
             for (uint32_t i = 1; g == seen; ++i) {
                 CPUK_PAUSE();
                 g = gen_.load(std::memory_order_acquire);

@@ -46,40 +46,42 @@ void apply_penalties(std::vector<float>& x, const int64_t* h, int64_t T, const S
     }
 }
 
-// The m best entries of key over ids (better(a, b): a ranks before b; a strict total order), in rank order: one pass
-// with a heap of m, so a 50 or 1024 best of a 49k vocabulary costs one comparison an entry.
-template <class Better>
-std::vector<int64_t> best_m(const std::vector<int64_t>& ids, size_t m, Better better)
+// The ids of entries >= thr (finite), in index order.
+std::vector<int64_t> at_least(const std::vector<float>& x, float thr)
 {
-    std::vector<int64_t> heap;
-    heap.reserve(m + 1);
-    for (int64_t i : ids) {           // heap.front(): the worst of the best so far
-        if (heap.size() < m) {
-            heap.push_back(i);
-            std::push_heap(heap.begin(), heap.end(), better);
-        } else if (better(i, heap.front())) {
-            std::pop_heap(heap.begin(), heap.end(), better);
-            heap.back() = i;
-            std::push_heap(heap.begin(), heap.end(), better);
-        }
-    }
-    std::sort_heap(heap.begin(), heap.end(), better);
-    return heap;
+    std::vector<int64_t> out;
+    for (int64_t i = 0; i < (int64_t)x.size(); ++i)
+        if (x[i] >= thr && x[i] != INFINITY) out.push_back(i);
+    return out;
 }
 
-// The best head of ids in rank order, grown x8 from 1024 until enough(head) (or all of them, sorted): the torch
-// Sampler's partial topk.
+// The head of the row by value, grown until enough(head): every entry within 8, 16, 32, ... of the maximum (so the
+// head holds the best entries whatever they are, and one scan replaces a sort of the vocabulary), else every
+// finite entry. Unsorted.
+template <class Enough>
+std::vector<int64_t> head_by_value(const std::vector<float>& x, float max, Enough enough)
+{
+    for (float gap = 8.0f; gap <= 64.0f; gap *= 2.0f) {
+        std::vector<int64_t> head = at_least(x, max - gap);
+        if (enough(head)) return head;
+    }
+    return at_least(x, -INFINITY);
+}
+
+// The best head of ids by `better` (a strict total order), grown until enough(head): typical's ranking, which has no
+// threshold to scan by. Sorted.
 template <class Better, class Enough>
 std::vector<int64_t> sorted_head(const std::vector<int64_t>& ids, Better better, Enough enough)
 {
-    for (size_t m = 1024;; m *= 8) {
+    for (size_t m = 64;; m *= 8) {
+        std::vector<int64_t> all(ids);
         if (2 * m >= ids.size()) {
-            std::vector<int64_t> all(ids);
             std::sort(all.begin(), all.end(), better);
             return all;
         }
-        std::vector<int64_t> head = best_m(ids, m, better);
-        if (enough(head)) return head;
+        std::partial_sort(all.begin(), all.begin() + m, all.end(), better);
+        all.resize(m);
+        if (enough(all)) return all;
     }
 }
 
@@ -104,40 +106,42 @@ bool sample_candidates(std::vector<float>& x, const int64_t* history, int64_t T,
         return true;
     }
     auto better = [&](int64_t a, int64_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
-    std::vector<int64_t> cand;
-    cand.reserve(V);
-    for (int64_t i = 0; i < V; ++i)
-        if (x[i] != NEG_INF) cand.push_back(i);
-    bool sorted = false, whole = true;       // whole: the candidates are every finite entry of x
-    if (p.top_k > 0 && p.top_k < (int64_t)cand.size()) {
-        cand = best_m(cand, (size_t)p.top_k, better);
-        sorted = true;
-        whole = false;
-    }
-    if (cand.empty()) return false;
+    // temperature first, on the whole row: it keeps the order (top_k's set is the same before or after)
     if (p.temperature != 1.0f)
-        for (int64_t i : cand) x[i] = x[i] / p.temperature;
-    // log of the normaliser over the candidates (fp64 sums)
-    // log of the normaliser over the candidates; while they are the whole row, over x itself (exp(-inf) = 0)
+        for (float& v : x) v = v / p.temperature;
+    const float xmax = *std::max_element(x.begin(), x.end());
+    if (xmax == NEG_INF || std::isnan(xmax)) return false;
     auto lse_of = [&](const std::vector<int64_t>& c) {
         float m = NEG_INF;
         for (int64_t i : c) m = std::max(m, x[i]);
-        if (whole) return (double)m + std::log(sum_exp(x.data(), V, m));
         double s = 0.0;
         for (int64_t i : c) s += (double)std::exp(x[i] - m);
         return (double)m + std::log(s);
     };
-    if (p.top_p < 1.0f) {
-        const double lse = lse_of(cand);
-        if (!sorted) {
-            cand = sorted_head(cand, better, [&](const std::vector<int64_t>& head) {
-                double mass = 0.0;
-                for (int64_t i : head) mass += std::exp((double)x[i] - lse);
-                return mass >= p.top_p + 1e-4;
-            });
-            sorted = true;
+    std::vector<int64_t> cand;
+    double lse = 0.0;             // top_p's normaliser: over the k candidates after top_k, else the whole row
+    if (p.top_k > 0 && p.top_k < V) {
+        cand = head_by_value(x, xmax, [&](const std::vector<int64_t>& h) { return (int64_t)h.size() >= p.top_k; });
+        if ((int64_t)cand.size() > p.top_k) {
+            std::nth_element(cand.begin(), cand.begin() + p.top_k, cand.end(), better);
+            cand.resize(p.top_k);
         }
-        whole = false;
+        std::sort(cand.begin(), cand.end(), better);
+        lse = lse_of(cand);
+    } else if (p.top_p < 1.0f) {
+        // the nucleus is a prefix of the row sorted by value: only a head that holds the mass needs sorting
+        lse = (double)xmax + std::log(sum_exp(x.data(), V, xmax));
+        cand = head_by_value(x, xmax, [&](const std::vector<int64_t>& h) {
+            double mass = 0.0;
+            for (int64_t i : h) mass += std::exp((double)x[i] - lse);
+            return mass >= p.top_p + 1e-4;
+        });
+        std::sort(cand.begin(), cand.end(), better);
+    } else {
+        cand = at_least(x, -INFINITY);
+    }
+    if (cand.empty()) return false;
+    if (p.top_p < 1.0f) {
         double before = 0.0;
         size_t keep = 0;
         for (; keep < cand.size(); ++keep) {
@@ -154,7 +158,6 @@ bool sample_candidates(std::vector<float>& x, const int64_t* history, int64_t T,
         for (int64_t i : cand)
             if (!(x[i] < thr)) kept.push_back(i);
         cand.swap(kept);
-        whole = false;
     }
     if (p.typical < 1.0f) {
         const double lse = lse_of(cand);
@@ -163,14 +166,13 @@ bool sample_candidates(std::vector<float>& x, const int64_t* history, int64_t T,
             const double lp = (double)x[i] - lse, pr = std::exp(lp);
             if (pr > 0) ent -= pr * lp;
         }
-        std::vector<float> shifted(V);
-        for (int64_t i : cand) shifted[i] = (float)std::fabs(-((double)x[i] - lse) - ent);
+        std::vector<float> shifted(cand.size());       // by position in cand
+        for (size_t j = 0; j < cand.size(); ++j) shifted[j] = (float)std::fabs(-((double)x[cand[j]] - lse) - ent);
         // ascending |surprise - entropy|, ties in candidate order (the reference's stable sort)
         std::vector<int64_t> pos(cand.size());
         std::iota(pos.begin(), pos.end(), 0);
         auto more_typical = [&](int64_t a, int64_t b) {
-            const float sa = shifted[cand[a]], sb = shifted[cand[b]];
-            return sa < sb || (sa == sb && a < b);
+            return shifted[a] < shifted[b] || (shifted[a] == shifted[b] && a < b);
         };
         const std::vector<int64_t> order = sorted_head(pos, more_typical, [&](const std::vector<int64_t>& head) {
             double mass = 0.0;
