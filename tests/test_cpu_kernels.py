@@ -281,6 +281,7 @@ SAMPLER_CASES = [
     dict(temperature=1.3, top_k=0, top_p=1.0, min_p=0.1, repetition_penalty=1.0),
     dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical=0.8, repetition_penalty=1.3),
     dict(temperature=0.0, repetition_penalty=10.0, banned_tokens=[3]),
+    dict(temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, banned_tokens=[7]),       # no truncation (/v1's defaults)
 ]
 
 

@@ -412,7 +412,8 @@ py::object sample_row(const torch::Tensor& logits, const torch::Tensor& history,
                                  banned.numel(), p, ids, vals))
         throw py::value_error("no token can be sampled: every candidate has logit -inf or nan "
                               "(all banned, or the model produced -inf / nan)");
-    if (u >= 0) return py::int_(ids.size() == 1 ? ids[0] : ids[cpuk::draw(vals, u)]);
+    auto id = [&](size_t i) { return ids.empty() ? (int64_t)i : ids[i]; };   // empty ids: the whole row
+    if (u >= 0) return py::int_(ids.size() == 1 ? ids[0] : id(cpuk::draw(vals, u)));
     auto probs = torch::zeros_like(logits);
     float* pp = probs.data_ptr<float>();
     if (temperature == 0.0 || top_k == 1) {
@@ -421,7 +422,7 @@ py::object sample_row(const torch::Tensor& logits, const torch::Tensor& history,
         const float m = *std::max_element(vals.begin(), vals.end());
         double total = 0.0;
         for (float v : vals) total += std::exp((double)(v - m));
-        for (size_t i = 0; i < ids.size(); ++i) pp[ids[i]] = (float)(std::exp((double)(vals[i] - m)) / total);
+        for (size_t i = 0; i < vals.size(); ++i) pp[id(i)] = (float)(std::exp((double)(vals[i] - m)) / total);
     }
     return py::cast(probs);
 }

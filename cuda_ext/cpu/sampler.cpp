@@ -137,6 +137,9 @@ bool sample_candidates(std::vector<float>& x, const int64_t* history, int64_t T,
             return mass >= p.top_p + 1e-4;
         });
         std::sort(cand.begin(), cand.end(), better);
+    } else if (p.min_p <= 0.0f && p.typical >= 1.0f) {
+        vals.swap(x);             // nothing truncates: the draw walks the row itself (ids empty: identity)
+        return true;
     } else {
         cand = at_least(x, -INFINITY);
     }

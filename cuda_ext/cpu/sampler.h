@@ -16,8 +16,9 @@ struct SampleParams {
     float top_p = 1.0f, min_p = 0.0f, typical = 1.0f;
 };
 
-// The candidates that survive (ids) and their final logits, in the order the draw walks them; greedy: one id.
-// x: the row's logits [V] (a working copy, modified). Returns false when no token can be sampled.
+// The candidates that survive (ids) and their final logits, in the order the draw walks them; greedy: one id; no
+// truncation at all: ids empty and vals the whole row (id = position). x: the row's logits [V] (a working copy,
+// modified or taken). Returns false when no token can be sampled.
 bool sample_candidates(std::vector<float>& x, const int64_t* history, int64_t T, const int64_t* banned, int64_t nb,
                        const SampleParams& p, std::vector<int64_t>& ids, std::vector<float>& vals);
 
