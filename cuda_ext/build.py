@@ -224,7 +224,10 @@ def _build_cpu(verbose: bool):
 
     folder = cpu_build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    fresh = not any(folder.glob(f"{CPU_NAME}*.so"))
+    built = [f.stat().st_mtime for f in folder.glob(f"{CPU_NAME}*.so")]
+    # (re)compiling: no module yet, or a source newer than it (ninja also rebuilds for a moved checkout: that one
+    # runs without the notice)
+    fresh = not built or any(f.stat().st_mtime > max(built) for f in CPU_SRC.iterdir())
     t0 = time.time()
     if fresh:
         print(f"Building the CPU kernels for this processor (first use only, about a minute) in {folder} ...",

@@ -86,9 +86,10 @@ class Ops:
     rope_in_attention: rope_kv_write's work inside decode_attention; dense_gemv: the fp16 LM head's GEMV."""
 
     # CPU: up to this many rows a layer takes the block-quantized GEMV (int8 activations, the weights read once
-    # for all rows); more rows (prompts) are multiplied by the dense GEMM on fp32 weights dequantized a slice of
-    # at most CPU_SLICE_BYTES at a time (docs/performance.md).
-    CPU_GEMV_MAX_ROWS = 8
+    # for all rows; its cost grows with the rows, ~decode speed a row); more rows (prompts) are multiplied by the
+    # dense GEMM on fp32 weights dequantized a slice of at most CPU_SLICE_BYTES at a time, whose dequantization
+    # is a fixed cost a forward: the embedded model's crossover is ~32 rows (docs/performance.md).
+    CPU_GEMV_MAX_ROWS = 32
     CPU_SLICE_BYTES = 8 << 20
 
     def __init__(self, use_kernels: bool = True, fused_decode: bool = False, fused_gemv: bool = False,

@@ -195,13 +195,14 @@ def test_packed_tiny_model_against_dense(tmp_path):
     lin = packed.layers[0].mlp.down_proj
     assert lin.packed is not None and lin.packed.bits == 4 and lin.qweight is None
     assert packed.layers[0].self_attn.qkv.packed is not None and packed.lm_head.packed.bits == 8
-    ids = torch.randint(0, 96, (1, 24))
+    n = packed.ops.CPU_GEMV_MAX_ROWS + 8             # a prompt: more rows than the GEMV takes
+    ids = torch.randint(0, 96, (1, n))
     full = dense(ids, last_only=False)
     # prompts read the 8-bit LM head through the same dense GEMM: only its 8-bit rounding differs
     assert rel(packed(ids, last_only=False), full) < 1e-2
     cache = packed.new_cache()
     packed(ids[:, :10], cache)
-    steps = torch.cat([packed(ids[:, i:i + 1], cache) for i in range(10, 24)], 1)
+    steps = torch.cat([packed(ids[:, i:i + 1], cache) for i in range(10, n)], 1)
     assert rel(steps, full[:, 10:]) < 3e-2
     assert (steps.argmax(-1) == full[:, 10:].argmax(-1)).float().mean() >= 0.9
     ref = load_ours(folder, max_seq_len=64, cpu_weights="packed", force_reference=True)

@@ -197,13 +197,12 @@ torch::Tensor q_dequant(int64_t bits, const torch::Tensor& w, const torch::Tenso
         out = torch::empty({n1 - n0, K}, sc.options().dtype(torch::kFloat32));
     }
     float* op = out.data_ptr<float>();
-    cpuk::parallel_for(n0 / TL, n1 / TL, 8, [&](int64_t t0, int64_t t1) {
-        if (bits == 4)
-            cpuk::q4_dequant_rows(w.data_ptr<uint8_t>(), half_ptr(sc), half_ptr(*of), (int)K, (int)gs, TL * t0, TL * t1,
-                                  op + (TL * t0 - n0) * K);
-        else
-            cpuk::q8_dequant_rows(w.data_ptr<int8_t>(), half_ptr(sc), (int)K, TL * t0, TL * t1, op + (TL * t0 - n0) * K);
-    });
+    // one thread: this feeds torch's GEMM (the prompt path), whose OpenMP threads would find the pool's workers
+    // spinning on the cores they need (a 16-token prompt took ~1 s so); vectorized, it is a small part of the GEMM
+    if (bits == 4)
+        cpuk::q4_dequant_rows(w.data_ptr<uint8_t>(), half_ptr(sc), half_ptr(*of), (int)K, (int)gs, n0, n1, op);
+    else
+        cpuk::q8_dequant_rows(w.data_ptr<int8_t>(), half_ptr(sc), (int)K, n0, n1, op);
     return out;
 }
 

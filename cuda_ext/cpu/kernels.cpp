@@ -317,10 +317,19 @@ void q4_dequant_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* of, i
             const float s = half_to_float(sc[(t * G + g) * TILE + r]), m = half_to_float(of[(t * G + g) * TILE + r]);
             const uint8_t* wb = w + ((t * KB + kb) * TILE + r) * 16;
             float* ob = o + 32 * kb;
+#if CPUK_AVX2
+            const __m256i q = unpack_q4(wb);                  // 32 bytes, k order
+            const __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(m);
+            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int j = 0; j < 4; ++j)
+                _mm256_storeu_ps(ob + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), sv, mv));
+#else
             for (int i = 0; i < 16; ++i) {
                 ob[i] = s * (float)(wb[i] & 0xF) + m;
                 ob[i + 16] = s * (float)(wb[i] >> 4) + m;
             }
+#endif
         }
     }
 }
@@ -335,7 +344,14 @@ void q8_dequant_rows(const int8_t* w, const uint16_t* sc, int K, int64_t n0, int
         for (int kb = 0; kb < KB; ++kb) {
             const float s = half_to_float(sc[(t * KB + kb) * TILE + r]);
             const int8_t* wb = w + ((t * KB + kb) * TILE + r) * 32;
+#if CPUK_AVX2
+            const __m256 sv = _mm256_set1_ps(s);
+            for (int j = 0; j < 4; ++j)
+                _mm256_storeu_ps(o + 32 * kb + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 8 * j)))), sv));
+#else
             for (int i = 0; i < 32; ++i) o[32 * kb + i] = s * (float)wb[i];
+#endif
         }
     }
 }
